@@ -1,0 +1,267 @@
+"""Tests for deformer.py (DeFormer) on the tiny icosphere topology (162 -> 42 -> 12 vertices)."""
+import importlib.util
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import deformer
+from deformer import PRESETS, DeFormer, project, reference_points
+from sparse_attention import build_scap, mesh_adjacency
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops: extra threads only add contention on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyBackbone(nn.Module):
+    """Stand-in backbone: maps at strides 4, 8, 16, 32 (contract attributes)."""
+
+    def __init__(self, chans=(8, 12, 16, 20)):
+        super().__init__()
+        self.feature_channels = list(chans)
+        self.feature_strides = [4, 8, 16, 32]
+        self.out_channels = chans[-1]
+        ins = (3,) + tuple(chans[:-1])
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, stride=4 if k == 0 else 2, padding=1)
+                                   for k, (i, o) in enumerate(zip(ins, chans)))
+
+    def forward_features(self, x):
+        out = []
+        for c in self.convs:
+            x = torch.relu(c(x))
+            out.append(x)
+        return out
+
+    def forward(self, x):
+        return self.forward_features(x)[-1]
+
+
+def tiny_cfg(**kw):
+    base = dict(dim=32, num_heads=4, ffn_dim=64, deform_heads=4, n_points=2, dropout=0.0,
+                input_size=(64, 64), blocks_per_level=(2, 2), tile_size=8)
+    base.update(kw)
+    return replace(PRESETS["tiny"], **base)
+
+
+def make_model(topo, seed=0, **kw):
+    torch.manual_seed(seed)
+    return DeFormer(tiny_cfg(**kw), TinyBackbone(), topo)
+
+
+def test_presets_and_defaults():
+    assert PRESETS["paper"].backbone == "hrnet_w48" and PRESETS["paper"].input_size == (224, 224)
+    assert PRESETS["dense"].mesh_levels[-1] == 0
+    assert PRESETS["tiny"].backbone == "hrnet_tiny"
+    assert deformer.TRAIN_DEFAULTS["epochs"] == 50
+
+
+@pytest.mark.parametrize("levels,blocks", [((2, 1), (2, 2)), ((2, 1, 0), (1, 1, 1))])
+def test_shapes_every_level(icosphere_topology, levels, blocks):
+    topo = icosphere_topology
+    m = make_model(topo, mesh_levels=levels, blocks_per_level=blocks).eval()
+    B, J = 2, 14
+    out = m(torch.randn(B, 3, 64, 64))
+    nv = topo["num_vertices"]
+    assert out["vertices"].shape == (B, nv[0], 3)
+    assert out["joints"].shape == (B, J, 3) and out["cam"].shape == (B, 3)
+    expected_levels = [levels[0]] + [l for l, n in zip(levels, blocks) for _ in range(n)]
+    assert out["level_per_step"] == expected_levels
+    for v, j, l in zip(out["vertices_per_step"], out["joints_per_step"], out["level_per_step"]):
+        assert v.shape == (B, nv[l], 3) and j.shape == (B, J, 3)
+    assert [v.shape[1] for v in out["vertices_per_level"]] == [nv[l] for l in levels]
+    assert [r.shape for r in out["ref_points"]] == [(B, J + nv[l], 2) for l in expected_levels[1:]]
+    assert all(torch.isfinite(v).all() for v in out["vertices_per_step"])
+
+
+def _record_cross_attn(model):
+    """Hook every block's cross-attention; returns list of (query, reference_points, shapes)."""
+    calls = []
+    for stage in model.stages:
+        for block in stage:
+            block.cross_attn.register_forward_pre_hook(
+                lambda mod, args, calls=calls: calls.append((mod, args[0].detach(), args[1].detach(), args[3])))
+    return calls
+
+
+def test_reference_points_follow_camera_and_mesh(icosphere_topology):
+    m = make_model(icosphere_topology).eval()
+    x = torch.randn(2, 3, 64, 64)
+    calls = _record_cross_attn(m)
+    with torch.no_grad():
+        out = m(x)
+    J = m.num_joints
+    # Reference point of every block = projection of that block's input coordinates.
+    coords0 = torch.cat([out["joints_per_step"][0], out["vertices_per_step"][0]], 1)
+    torch.testing.assert_close(calls[0][2], (project(coords0, out["cam"]) + 1) / 2)
+    coords1 = torch.cat([out["joints_per_step"][1], out["vertices_per_step"][1]], 1)
+    torch.testing.assert_close(calls[1][2], reference_points(coords1, out["cam"]))
+    up = m.upsample(out["vertices_per_step"][2], 2, 1)                          # stage boundary
+    coords2 = torch.cat([out["joints_per_step"][2], up], 1)
+    torch.testing.assert_close(calls[2][2], reference_points(coords2, out["cam"]))
+    mod, q0, ref0, shapes = calls[0]
+    loc0 = mod.sampling_locations(q0, ref0, shapes)
+
+    # Change the predicted camera only (bias of the cam outputs): s -> s + 0.3, t -> t + (0.1, -0.2).
+    calls.clear()
+    with torch.no_grad():
+        m.init_head[-1].bias[-3:] += torch.tensor([0.3, 0.1, -0.2])
+        out2 = m(x)
+    cam2 = out2["cam"]
+    torch.testing.assert_close(cam2, out["cam"] + torch.tensor([0.3, 0.1, -0.2]))
+    torch.testing.assert_close(out2["vertices_per_step"][0], out["vertices_per_step"][0])
+    s2, t2 = cam2[:, None, :1], cam2[:, None, 1:]
+    expected = (s2 * (coords0[..., :2] + t2) + 1) / 2
+    mod, q1, ref1, _ = calls[0]
+    torch.testing.assert_close(ref1, expected)
+    torch.testing.assert_close(q1, q0)                      # camera does not change the query
+    loc1 = mod.sampling_locations(q1, ref1, shapes)          # (B, N, H, L, P, 2)
+    torch.testing.assert_close(loc1 - loc0, (expected - ref0)[:, :, None, None, None, :].expand_as(loc0))
+
+    # Move one coarse vertex by d (bias of its offset outputs): its reference point moves by s*d/2.
+    calls.clear()
+    k, d = 5, torch.tensor([0.05, -0.08, 0.3])
+    with torch.no_grad():
+        m.init_head[-1].bias[3 * k:3 * k + 3] += d
+        out3 = m(x)
+    torch.testing.assert_close(out3["vertices_per_step"][0][:, k] - out2["vertices_per_step"][0][:, k],
+                               d.expand(2, 3))
+    ref3 = calls[0][2]
+    moved = ref3[:, J + k] - ref1[:, J + k]
+    torch.testing.assert_close(moved, cam2[:, :1] * d[:2] / 2)
+    # and the reference points of the joints move as the joint regressor says
+    dj = m.joint_reg_2[:, k, None] * d                                          # (J, 3)
+    torch.testing.assert_close(ref3[:, :J] - ref1[:, :J], cam2[:, None, :1] * dj[None, :, :2] / 2)
+
+
+def test_block_is_sparse_exact_mode(icosphere_topology):
+    """A vertex's output of a whole block (tokens and coordinates) depends only on its SCAP row."""
+    topo = icosphere_topology
+    m = make_model(topo, semantics="exact", blocks_per_level=(1, 1)).eval()
+    level, J, V = 1, 14, topo["num_vertices"][1]
+    block = m.stages[1][0]
+    mask = build_scap(mesh_adjacency(topo["faces"][level], V, self_loops=True),
+                      topo["skin_weights"][level][:, topo["joint_to_smpl"]],
+                      topo["joint_regressor"][level])
+    g = torch.Generator().manual_seed(0)
+    B, N, D = 2, J + V, 32
+    tokens = torch.randn(B, N, D, generator=g)
+    coords = torch.randn(B, N, 3, generator=g) * 0.3
+    cam = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.1, -0.1]])
+    shapes = torch.tensor([[16, 16], [8, 8], [4, 4], [2, 2]])
+    starts = torch.tensor([0, 256, 320, 336])
+    memory = torch.randn(B, 340, D, generator=g)
+    with torch.no_grad():
+        for lin in (block.disp_mlp[-1],):                     # non-trivial displacements
+            lin.weight.normal_(0, 0.1, generator=g)
+        t0, c0, _ = block(tokens, coords, cam, memory, shapes, starts)
+    checked = 0
+    for row in [J + 0, J + 7, J + V - 1, 3]:                   # vertices and one joint row
+        outside = ~mask[row]
+        if not outside.any():
+            continue
+        t2, c2 = tokens.clone(), coords.clone()
+        t2[:, outside] += torch.randn(B, int(outside.sum()), D, generator=g) * 3
+        c2[:, outside] += torch.randn(B, int(outside.sum()), 3, generator=g)
+        with torch.no_grad():
+            t1, c1, _ = block(t2, c2, cam, memory, shapes, starts)
+        torch.testing.assert_close(t1[:, row], t0[:, row], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c1[:, row], c0[:, row], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(t1[:, ~mask[row]], t0[:, ~mask[row]])       # others did change
+        checked += 1
+        # and a token inside the row (a neighbour other than itself) does matter
+        inside = mask[row].nonzero().flatten()
+        other = int(inside[inside != row][0])
+        t3 = tokens.clone()
+        t3[:, other] += torch.randn(B, D, generator=g) * 3   # (a constant shift would vanish in LayerNorm)
+        with torch.no_grad():
+            t4, _, _ = block(t3, coords, cam, memory, shapes, starts)
+        assert not torch.allclose(t4[:, row], t0[:, row])
+    assert checked >= 3
+    assert mask.float().mean() < 0.6                          # really sparse
+
+
+def test_loss_flags_and_finite(icosphere_topology):
+    topo = icosphere_topology
+    m = make_model(topo).eval()
+    B, V0 = 2, topo["num_vertices"][0]
+    out = m(torch.randn(B, 3, 64, 64))
+    tg = {"joints3d": torch.cat([torch.randn(B, 14, 3) * 0.2, torch.ones(B, 14, 1)], -1),
+          "joints2d": torch.cat([torch.rand(B, 14, 2) * 2 - 1, torch.ones(B, 14, 1)], -1),
+          "vertices": torch.randn(B, V0, 3) * 0.2, "has_smpl": torch.tensor([1.0, 0.0]),
+          "has_3d": torch.tensor([1.0, 0.0])}
+    loss, logs = m.loss(out, tg)
+    assert torch.isfinite(loss) and set(logs) >= {"loss", "loss_vertices", "loss_joints3d", "loss_joints2d"}
+    tg2 = dict(tg)
+    tg2["vertices"] = tg["vertices"].clone()
+    tg2["vertices"][1] += 5.0                                  # sample without SMPL: ignored
+    tg2["joints3d"] = tg["joints3d"].clone()
+    tg2["joints3d"][1, :, :3] += torch.randn(14, 3)            # sample without 3D: ignored
+    torch.testing.assert_close(m.loss(out, tg2)[0], loss)
+    tg3 = dict(tg)
+    tg3["vertices"] = tg["vertices"] + torch.tensor([1.0, 2.0, 3.0])   # GT translation: centred away
+    torch.testing.assert_close(m.loss(out, tg3)[0], loss)
+
+
+def test_overfits_one_batch(icosphere_topology):
+    topo = icosphere_topology
+    m = make_model(topo, blocks_per_level=(1, 1))
+    B, J = 2, 14
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 3, 64, 64, generator=g)
+    # GT = a perturbed coarse mesh upsampled to full res, so every level can represent it.
+    t2 = topo["template"][2] * torch.tensor([1.0, -1.0, -1.0])
+    gt_v = torch.stack([t2 * torch.tensor([1.2, 0.9, 1.0]), t2 * torch.tensor([0.8, 1.1, 1.3])])
+    gt_v = m.upsample(gt_v + 0.03 * torch.randn(B, *t2.shape, generator=g), 2, 0)  # (B, 12, 3) -> (B, 162, 3)
+    gt_j = torch.einsum("jv,bvc->bjc", topo["joint_regressor"][0], gt_v)
+    cam = torch.tensor([[0.9, 0.05, -0.02], [1.1, -0.03, 0.04]])
+    ones = torch.ones(B, J, 1)
+    tg = {"joints3d": torch.cat([gt_j, ones], -1), "joints2d": torch.cat([project(gt_j, cam), ones], -1),
+          "vertices": gt_v, "has_smpl": torch.ones(B), "has_3d": torch.ones(B)}
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
+    first = None
+    for step in range(250):       # about 70 steps are needed
+        loss, _ = m.loss(m(x), tg)
+        if first is None:
+            first = loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < first / 10:
+            break
+    assert loss.item() < first / 10, (first, loss.item(), step)
+
+
+def test_bad_topology_errors(icosphere_topology):
+    topo = dict(icosphere_topology)
+    del topo["up_index"]
+    with pytest.raises(KeyError, match="up_index"):
+        make_model(topo)
+    topo = dict(icosphere_topology)
+    topo["template"] = [topo["template"][0][:10]] + topo["template"][1:]
+    with pytest.raises(ValueError, match=r"template'\]\[0\]"):
+        make_model(topo)
+    with pytest.raises(ValueError, match="coarse -> fine"):
+        make_model(icosphere_topology, mesh_levels=(1, 2))
+
+
+@pytest.mark.skipif(not (ROOT / "body.py").exists(), reason="body.py not written yet")
+def test_toy_body_topology_shapes():
+    from body import BodyModel
+    topo = BodyModel().topology()
+    m = make_model(topo, blocks_per_level=(1, 1)).eval()
+    with torch.no_grad():
+        out = m(torch.randn(1, 3, 64, 64))
+    nv = topo["num_vertices"]
+    assert out["vertices"].shape == (1, nv[0], 3)
+    assert [v.shape[1] for v in out["vertices_per_level"]] == [nv[2], nv[1]]
+    assert out["joints"].shape == (1, 14, 3)
