@@ -196,8 +196,8 @@ def bench_sparse_attention(args):
 
         variants = [
             ("(i) sdpa+bool mask", step(lambda a, b_, c: F.scaled_dot_product_attention(
-                a, b_, c, attn_mask=scap), (q, k, v), g), 1, 2),
-            ("(ii) naive, scaled", step(naive, (qs, ks, vs), gs), B * H / hs, 2),
+                a, b_, c, attn_mask=scap), (q, k, v), g), 1, 1),
+            ("(ii) naive, scaled", step(naive, (qs, ks, vs), gs), B * H / hs, 1),
             ("block exact (rcm)", step(lambda a, b_, c: sa.block_sparse_attention(
                 a, b_, c, plans["exact"]), (q, k, v), g), 1, 3),
             ("block block (rcm)", step(lambda a, b_, c: sa.block_sparse_attention(
@@ -290,15 +290,306 @@ def bench_backbones(args):
 
 
 def bench_fastmetro_tore(args):
-    raise NotImplementedError("bench_fastmetro_tore: filled in with fastmetro.py/tore.py")
+    """FLOPs of the part after the backbone (FlopCounterMode) and images/s, FastMETRO vs TORE.
+
+    FlopCounterMode counts 2 FLOPs per multiply-add; the papers' "GFLOPs" (fvcore-style) count one
+    per multiply-add, so the comparable column is FLOPs / 2 (= GMACs). Attention uses the explicit
+    matmul path while counting (CPU SDPA is not counted by FlopCounterMode). The papers' GFLOPs^T
+    match transformer_1 + transformer_2 (T) truncated to 0.1: TORE's script logs those as the
+    "transformer" and transformer_3 (the NSR) separately. Throughput: random-init weights,
+    full model (backbone included) and the head alone, as ratios to FastMETRO in the same run.
+    """
+    import dataclasses
+    from torch.utils.flop_counter import FlopCounterMode
+    import fastmetro as fm
+    import tore
+
+    try:
+        import body as body_lib
+        topo, topo_name = body_lib.BodyModel().topology(), "toy body"
+    except Exception as e:  # noqa: BLE001 - fall back to SMPL-sized shapes only
+        print(f"(body.py unavailable: {e}; using a random SMPL-sized topology)")
+        g = torch.Generator().manual_seed(0)
+        V = (6890, 1723, 431)
+        topo = {"num_vertices": list(V), "faces": [torch.randint(0, v, (2 * v, 3), generator=g) for v in V],
+                "up_index": [torch.randint(0, V[1], (V[0], 3), generator=g), torch.randint(0, V[2], (V[1], 3), generator=g)],
+                "up_weight": [torch.full((V[0], 3), 1 / 3), torch.full((V[1], 3), 1 / 3)],
+                "down_index": [torch.arange(V[1]), torch.arange(V[2])],
+                "joint_regressor": [torch.rand(14, V[0]) / V[0]], "h36m_regressor": torch.rand(17, V[0]) / V[0]}
+        topo_name = "random SMPL-sized"
+    try:
+        from backbones import build_backbone
+        make_backbone, bb_name = (lambda: build_backbone("resnet50")), "resnet50 (random init)"
+    except Exception as e:  # noqa: BLE001
+        print(f"(backbones.py unavailable: {e}; using a stand-in stride-32 backbone with 2048 channels)")
+        make_backbone, bb_name = (lambda: fm._StandInBackbone(2048)), "stand-in"
+    print(f"topology: {topo_name} {topo['num_vertices']}, backbone: {bb_name}")
+
+    variants = [
+        ("FastMETRO-L-R50", lambda bb: fm.FastMETRO(fm.PRESETS["L-R50"], bb, topo), 6.6),
+        ("TORE GTR", lambda bb: tore.TORE(tore.PRESETS["L-R50-GTR"], bb, topo), 0.7),
+        ("TORE GTR+ITP@0.8", lambda bb: tore.TORE(tore.PRESETS["L-R50"], bb, topo), 0.6),
+        ("TORE GTR+ITP@0.5", lambda bb: tore.TORE(tore.PRESETS["L-R50-ITP50"], bb, topo), 0.5),
+    ]
+
+    def count(fn):
+        with FlopCounterMode(display=False) as fc:                       # (its module tracker fails under no_grad)
+            fn()
+        return fc.get_total_flops() / 2e9                                 # FLOPs / 2 = GMACs
+
+    models = {}
+    print("\nG(MAC) per image = FlopCounterMode FLOPs / 2. head = everything after the backbone;"
+          "\nT = transformer_1 + transformer_2 (what TORE's script logs as 'transformer'), NSR = transformer_3.")
+    print(f"{'model':18s} {'img tokens':>10s} {'head':>6s} {'T':>6s} {'NSR':>6s} {'T+NSR':>6s} {'paper GFLOPs^T':>15s}")
+    for name, build, paper in variants:
+        torch.manual_seed(0)
+        model = build(make_backbone()).eval()
+        models[name] = model
+        feats = torch.randn(1, model.conv_1x1.in_channels, 7, 7)
+        fm.ATTENTION_IMPL = "math"
+        part = {}
+        try:
+            total = count(lambda: model.forward_head(feats))
+            for t in ("transformer_1", "transformer_2", "transformer_3"):
+                mod = getattr(model, t, None)
+                if mod is None:
+                    continue
+                orig = mod.forward
+
+                def wrapped(*a, _orig=orig, _t=t, **k):
+                    with FlopCounterMode(display=False) as c:
+                        r = _orig(*a, **k)
+                    part[_t] = c.get_total_flops() / 2e9
+                    return r
+                mod.forward = wrapped
+            model.forward_head(feats)
+        finally:
+            fm.ATTENTION_IMPL = "sdpa"
+            for t in ("transformer_1", "transformer_2", "transformer_3"):
+                if hasattr(model, t):
+                    vars(getattr(model, t)).pop("forward", None)
+        T = part["transformer_1"] + part["transformer_2"]
+        nsr = part.get("transformer_3", 0.0)
+        ntok = getattr(model, "keep_num", 49)
+        print(f"{name:18s} {ntok:10d} {total:6.2f} {T:6.2f} {nsr:6.2f} {T + nsr:6.2f} {paper:15.1f}")
+
+    B = 8 if args.quick else 32
+    print(f"\nthroughput, batch {B}, eval, no_grad, {torch.get_num_threads()} threads (best of 2 after 1 warm-up):")
+    x = torch.randn(B, 3, 224, 224)
+    rates = {}
+    for name, model in models.items():
+        feats = torch.randn(B, model.conv_1x1.in_channels, 7, 7)
+        with torch.no_grad():
+            t_full = timed(lambda: model(x), repeats=2, warmup=1)
+            t_head = timed(lambda: model.forward_head(feats), repeats=2, warmup=1)
+        rates[name] = (B / t_full, B / t_head)
+    base_full, base_head = rates["FastMETRO-L-R50"]
+    print(f"{'model':18s} {'full img/s':>10s} {'vs FM':>7s} {'head-only img/s':>16s} {'vs FM':>7s}")
+    for name, (full, head) in rates.items():
+        print(f"{name:18s} {full:10.1f} {full / base_full - 1:+7.1%} {head:16.1f} {head / base_head - 1:+7.1%}")
+    print("paper (RTX 3090, batch 32, R50): FM 576.0 im/s; +GTR 805.3 (+39.8%); +GTR+ITP@20% 794.7; @50% 806.1")
 
 
 def bench_deformer(args):
-    raise NotImplementedError("bench_deformer: filled in with deformer.py")
+    """DeFormer (deformer.py): one training step (forward + loss + backward) of the dense-query
+    variant (PRESETS["dense"]: 431 -> 1723 -> 6890 vertex queries + 14 joints = 6904 tokens in
+    the last stage, width 256) at batch 2 on the toy body, with the Body Sparse self-attention
+    run as impl "block" (block-sparse) vs "dense" (fused masked SDPA) vs "naive" (N x N scores).
+    Backbone: hrnet_tiny (the same for every impl; the paper's HRNet-W48 only adds a constant),
+    dropout 0. Naive at 8 heads needs ~(blocks at 6890 + 3) x B x H x N^2 x 4 bytes (~15 GB), more
+    than this shared machine can give, so all three impls are also measured at the largest head
+    count whose naive estimate fits in DEFORMER_BENCH_NAIVE_GB (default 4) and the ratios are
+    printed per head count. Also prints the parameter count of the paper-default model
+    (HRNet-W48 + decoder on the toy body). Peak memory: running sum of the profiler's
+    per-allocation events (as in bench_sparse_attention)."""
+    import dataclasses
+    import os
+
+    from backbones import build_backbone
+    from body import BodyModel
+    from deformer import PRESETS, DeFormer
+
+    def peak(fn):
+        gc.collect()
+        if torch.cuda.is_available():
+            return peak_memory(fn)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        try:
+            evs = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]")
+        except AttributeError:
+            return peak_memory(fn)
+        live = top = 0
+        for _, nbytes in evs:
+            live += nbytes
+            top = max(top, live)
+        return top
+
+    topo = BodyModel().topology()
+    V0, J, B = topo["num_vertices"][0], topo["joint_regressor"][0].shape[0], 2
+    N = V0 + J
+    cfg = dataclasses.replace(PRESETS["dense"], backbone="hrnet_tiny", dropout=0.0)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, blocks_per_level=(1, 1, 1))
+    n0 = cfg.blocks_per_level[cfg.mesh_levels.index(0)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 3, *cfg.input_size, generator=g)
+    ones = torch.ones(B, J, 1)
+    tg = {"joints3d": torch.cat([0.2 * torch.randn(B, J, 3, generator=g), ones], -1),
+          "joints2d": torch.cat([2 * torch.rand(B, J, 2, generator=g) - 1, ones], -1),
+          "vertices": 0.2 * torch.randn(B, V0, 3, generator=g),
+          "has_smpl": torch.ones(B), "has_3d": torch.ones(B)}
+    limit = float(os.environ.get("DEFORMER_BENCH_NAIVE_GB", 4)) * 2 ** 30
+    est = lambda h: (n0 + 3) * B * h * N * N * 4
+    heads_fit = [h for h in (8, 4, 2, 1) if est(h) <= limit]
+    print(f"dense-query variant: {N} tokens in the 6890 stage ({n0} blocks), batch {B}, width "
+          f"{cfg.dim}, blocks {cfg.blocks_per_level}, backbone {cfg.backbone}; naive estimate at "
+          f"8 heads {est(8) / 2**30:.1f} GB (limit {limit / 2**30:.0f} GB)", flush=True)
+    all_res = {}
+    for heads in sorted({cfg.num_heads, *heads_fit[:1]}, reverse=True):
+        impls = ["block", "dense"] + (["naive"] if est(heads) <= limit else [])
+        res = all_res[heads] = {}
+        for impl in impls:
+            torch.manual_seed(0)
+            m = DeFormer(dataclasses.replace(cfg, attn_impl=impl, num_heads=heads),
+                         build_backbone(cfg.backbone), topo)
+
+            def step():
+                loss, _ = m.loss(m(x), tg)
+                loss.backward()
+                m.zero_grad(set_to_none=True)
+            t = timed(step, repeats=1, warmup=1)
+            mem = peak(step)
+            res[impl] = (t, mem)
+            print(f"  heads {heads} (head dim {cfg.dim // heads}) {impl:6s}: step {t:7.2f} s, "
+                  f"peak {mem / 2**20:8.1f} MB", flush=True)
+            del m
+            gc.collect()
+        tb, mb = res["block"]
+        for impl in impls[1:]:
+            t, mem = res[impl]
+            print(f"  heads {heads}: block vs {impl}: {t / tb:.2f}x faster, memory "
+                  f"{mb / mem:.3f} of {impl}", flush=True)
+    H = cfg.num_heads
+    if "naive" not in all_res[H] and heads_fit:
+        h = heads_fit[0]
+        # naive's extra memory over fused SDPA is its (B, H, N, N) buffers: linear in H.
+        extra = all_res[h]["naive"][1] - all_res[h]["dense"][1]
+        naive_est = all_res[H]["dense"][1] + extra * H / h
+        print(f"  heads {H}: naive peak estimated from heads {h} (extra over dense x {H // h}): "
+              f"{naive_est / 2**20:.0f} MB; block memory = {all_res[H]['block'][1] / naive_est:.3f} "
+              f"of naive (estimate)", flush=True)
+    paper = PRESETS["paper"]
+    bb = build_backbone(paper.backbone)
+    m = DeFormer(paper, bb, topo)
+    n_all = sum(p.numel() for p in m.parameters())
+    n_bb = sum(p.numel() for p in bb.parameters())
+    dense_extra = sum(p.numel() for p in DeFormer(PRESETS["dense"], bb, topo).parameters()) - n_all
+    print(f"paper-default DeFormer ({paper.backbone}, toy body {topo['num_vertices']}): "
+          f"{n_all / 1e6:.2f} M parameters = backbone {n_bb / 1e6:.2f} M + decoder "
+          f"{(n_all - n_bb) / 1e6:.2f} M; dense-query preset: {dense_extra / 1e6:+.2f} M")
 
 
 def bench_featup_hmr(args):
-    raise NotImplementedError("bench_featup_hmr: filled in with featup_hmr.py")
+    """featup_hmr.py: parameter counts (ViT-H/B on the meta device, vs the report's 714M), the
+    tiny preset's variants (forward and train-step time, peak memory, as ratios to bilinear),
+    and JBU upsampler timings per factor and window size."""
+    import dataclasses
+    import featup_hmr as fh
+    try:
+        from backbones import build_backbone
+    except Exception:                                               # noqa: BLE001
+        build_backbone = None
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    count = lambda m: sum(p.numel() for p in m.parameters())
+
+    print("-- parameter counts (meta device; report: 714M FeatUp x4, 713M bilinear, HMR 2.0 725M)")
+    for preset in ("vit_h", "vit_h_bilinear", "vit_h_x16", "vit_h_dense", "vit_b"):
+        cfg = fh.PRESETS[preset]
+        with torch.device("meta"):
+            if build_backbone is not None:
+                vit = build_backbone(cfg.backbone, **cfg.backbone_kwargs)
+            else:
+                dims = {"vit_h": (1280, 32, 16), "vit_b": (768, 12, 12)}[cfg.backbone]
+                vit = fh._StandInViT(*dims, out_indices=cfg.out_indices)
+            model = fh.FeatUpHMR(cfg, vit, None, fh._StandInBody(16))
+        bb = count(model.backbone)
+        print(f"  {preset:15s} total {count(model) / 1e6:7.1f}M  ViT {bb / 1e6:6.1f}M  head "
+              f"{(count(model) - bb) / 1e6:5.1f}M  upsamplers {count(model.upsamplers) / 1e6:.2f}M")
+
+    B = 2 if args.quick else 8
+    H, W = fh.PRESETS["tiny"].input_size
+    x = torch.randn(B, 3, H, W, device=dev)
+    body = fh._StandInBody(431 if args.quick else 6890).to(dev)
+    V = body.num_vertices
+    g = torch.Generator().manual_seed(0)
+    pose = torch.randn(B, 72, generator=g) * 0.2
+    targets = {"joints3d": torch.rand(B, 14, 4), "joints2d": torch.rand(B, 14, 3), "pose": pose,
+               "betas": torch.randn(B, 10, generator=g), "has_smpl": torch.ones(B),
+               "has_3d": torch.ones(B), "vertices": torch.randn(B, V, 3, generator=g)}
+    targets = {k: v.to(dev) for k, v in targets.items()}
+    variants = [("bilinear x2", {"upsampler": "bilinear"}), ("FeatUp x2 7x7 (tiny)", {}),
+                ("FeatUp x2 3x3", {"jbu_radius": 1}),
+                ("bilinear x4", {"upsampler": "bilinear", "upsample_factor": 4}),
+                ("FeatUp x4 3x3", {"upsample_factor": 4, "jbu_radius": 1}),
+                ("FeatUp x4 7x7", {"upsample_factor": 4}),
+                ("native only, deformable", {"upsampler": "none"}),
+                ("native only, dense (HMR2)", {"upsampler": "none", "decoder": "dense"}),
+                ("bilinear x2, dense", {"upsampler": "bilinear", "decoder": "dense"})]
+    if not args.quick:
+        variants.append(("FeatUp x8 7x7", {"upsample_factor": 8}))
+    print(f"-- tiny preset variants, batch {B}, {H}x{W}, stand-in body V={V}, {dev}"
+          f" ({'backbones.vit_tiny' if build_backbone else 'inline stand-in ViT'})")
+    base = None
+    for name, over in variants:
+        cfg = dataclasses.replace(fh.PRESETS["tiny"], **over)
+        torch.manual_seed(0)
+        vit = (build_backbone(cfg.backbone, **cfg.backbone_kwargs) if build_backbone
+               else fh._StandInViT(64, 4, 4, out_indices=cfg.out_indices))
+        model = fh.FeatUpHMR(cfg, vit, None, body).to(dev)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5)
+
+        def step():
+            loss, _ = model.loss(model(x), targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def fwd():
+            with torch.no_grad():
+                model(x)
+
+        model.train()
+        t_step = timed(step, repeats=2 if args.quick else 3)
+        mem = peak_memory(step)
+        model.eval()
+        t_fwd = timed(fwd, repeats=2 if args.quick else 3)
+        S = sum(h * w for h, w in (t.shape[-2:] for t in model.feature_levels(x[:1])))
+        if base is None:
+            base = (t_fwd, t_step, mem)
+        print(f"  {name:26s} head {(count(model) - count(vit)) / 1e3:6.1f}k  tokens {S:5d}  fwd "
+              f"{t_fwd * 1e3:7.1f} ms ({t_fwd / base[0]:4.2f}x)  train step {t_step * 1e3:7.1f} ms "
+              f"({t_step / base[1]:4.2f}x)  peak mem {mem / 2 ** 20:7.1f} MiB ({mem / max(base[2], 1):4.2f}x)")
+
+    print("-- JBU upsampler alone: C=64 features 16x12 -> x factor, batch "
+          f"{B}, forward (no grad); ratio to bilinear of the same factor")
+    factors = (4, 8) if args.quick else (4, 8, 16)
+    f = torch.randn(B, 64, 16, 12, device=dev)
+    for factor in factors:
+        img = torch.randn(B, 3, 16 * factor, 12 * factor, device=dev)
+        bil = fh.BilinearUpsampler(factor)
+        t_b = timed(lambda: bil(f, img), repeats=3)
+        for radius in (1, 3):
+            up = fh.JBUStack(64, factor, 32, radius).to(dev).eval()
+            with torch.no_grad():
+                t_j = timed(lambda: up(f, img), repeats=2)
+            f_g = f.clone().requires_grad_()
+            t_jb = timed(lambda: up(f_g, img).square().sum().backward(), repeats=2)
+            print(f"  x{factor:<2d} {2 * radius + 1}x{2 * radius + 1}  JBU fwd {t_j * 1e3:8.1f} ms "
+                  f"({t_j / t_b:6.1f}x bilinear)  fwd+bwd {t_jb * 1e3:8.1f} ms")
 
 
 SECTIONS = {

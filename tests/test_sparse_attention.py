@@ -1,0 +1,320 @@
+"""Tests for sparse_attention.py: SCAP construction, orderings, block density, and the
+block-sparse attention kernel against the dense reference (outputs, gradients, gradcheck,
+reordering invariance, padding, locality, batching, errors).  Small meshes only."""
+import pytest
+import torch
+
+import sparse_attention as sa
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny-op loops (gradcheck) on a shared, oversubscribed 2-core box: many small parallel ops
+    each pay a thread-pool wake-up; one thread is 10-50x faster here.  Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_scap(rings=10, segments=7, joints=3, seed=0):
+    body = sa.synthetic_body(rings=rings, segments=segments, num_joints=joints,
+                             num_skin_joints=6, regressor_size=4, seed=seed)
+    adj = sa.mesh_adjacency(body["faces"], body["num_vertices"])
+    return sa.build_scap(adj, body["skin_weights"], body["joint_regressor"])
+
+
+def pair(mask, semantics, ordering="rcm", tile=8, dim=32, heads=4, workspace_mb=32.0,
+         dtype=torch.float32, other="dense"):
+    """A block module and a reference module (same weights)."""
+    torch.manual_seed(0)
+    blk = sa.BodySparseAttention(dim, heads, mask, tile_size=tile, ordering=ordering,
+                                 semantics=semantics, impl="block", workspace_mb=workspace_mb)
+    ref = sa.BodySparseAttention(dim, heads, mask, tile_size=tile, ordering=ordering,
+                                 semantics=semantics, impl=other)
+    ref.load_state_dict(blk.state_dict())
+    return blk.to(dtype), ref.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# SCAP
+# ---------------------------------------------------------------------------------------------
+def test_scap_tetrahedron_element_by_element():
+    faces = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]])
+    # 5 vertices: a tetrahedron (0..3) plus an isolated vertex 4 (no faces)
+    adj = sa.mesh_adjacency(faces, 5)
+    skin = torch.tensor([[1.0, 0.0],     # v0 -> joint 0
+                         [0.6, 0.4],     # v1 -> both
+                         [0.0, 1.0],     # v2 -> joint 1
+                         [0.05, 0.95],   # v3 -> both at threshold 0, joint 1 only at 0.1
+                         [0.0, 1.0]])    # v4 -> joint 1
+    reg = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0],    # joint 0 from v0, v1
+                        [0.0, 0.0, 0.0, 0.0, 1.0]])   # joint 1 from v4
+    J, V = 2, 5
+    for thr in (0.0, 0.1):
+        m = sa.build_scap(adj, skin, reg, threshold=thr)
+        exp = torch.zeros(J + V, J + V, dtype=torch.bool)
+        exp[:J, :J] = True                                   # j2j dense
+        for v in range(V):                                   # j2v: skin > thr
+            for j in range(J):
+                exp[j, J + v] = bool(skin[v, j] > thr)
+        for j, v in [(0, 0), (0, 1), (1, 4)]:                # v2j: regressor != 0
+            exp[J + v, j] = True
+        tet = [(a, b) for a in range(4) for b in range(4)]   # v2v: tetrahedron is complete
+        for a, b in tet:
+            exp[J + a, J + b] = True
+        exp[J + 4, J + 4] = True                             # isolated vertex: self loop
+        assert m.dtype == torch.bool and m.shape == (J + V, J + V)
+        assert torch.equal(m, exp), (thr, (m != exp).nonzero())
+    assert not bool(sa.build_scap(adj, skin, reg)[0, J + 2])   # v2 not skinned to joint 0
+    assert bool(sa.build_scap(adj, skin, reg)[0, J + 3])       # v3 skinned 0.05 > 0
+    assert not bool(sa.build_scap(adj, skin, reg, 0.1)[0, J + 3])
+
+
+def test_mesh_adjacency_symmetric_and_self_loops():
+    faces = torch.tensor([[0, 1, 2], [1, 2, 3]])
+    a = sa.mesh_adjacency(faces, 4)
+    assert torch.equal(a, a.T) and bool(a.diagonal().all())
+    assert not bool(a[0, 3])
+    assert not bool(sa.mesh_adjacency(faces, 4, self_loops=False).diagonal().any())
+
+
+def test_scap_bad_shapes_clear_errors():
+    adj = sa.mesh_adjacency(torch.tensor([[0, 1, 2]]), 3)
+    with pytest.raises(ValueError, match=r"sparse_attention.py.*skin_weights.*\(V=3, J\)"):
+        sa.build_scap(adj, torch.rand(4, 2), torch.rand(2, 3))
+    with pytest.raises(ValueError, match=r"joint_regressor.*\(J=2, V=3\)"):
+        sa.build_scap(adj, torch.rand(3, 2), torch.rand(3, 3))
+    with pytest.raises(ValueError, match="square"):
+        sa.build_scap(torch.ones(3, 4, dtype=torch.bool), torch.rand(3, 2), torch.rand(2, 3))
+    with pytest.raises(ValueError, match=r"faces must be \(F, 3\)"):
+        sa.mesh_adjacency(torch.tensor([[0, 1]]), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orderings and density
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", sa.ORDERINGS)
+def test_reorder_is_permutation(method):
+    m = small_scap()
+    perm = sa.reorder(m, method)
+    assert perm.dtype == torch.long and torch.equal(perm.sort().values, torch.arange(len(m)))
+    dens, counts = sa.block_density(m, 8, perm)
+    nT = -(-len(m) // 8)
+    assert counts.shape == (nT,) and 0 < dens <= 1
+    assert int(counts.sum()) == int(sa.blockify(m[perm][:, perm], 8).sum())
+
+
+def test_rcm_beats_no_ordering_on_shuffled_mesh():
+    m = small_scap(rings=16, segments=12)
+    d_none, _ = sa.block_density(m, 8, sa.reorder(m, "none"))
+    d_rcm, _ = sa.block_density(m, 8, sa.reorder(m, "rcm"))
+    assert d_rcm < d_none
+
+
+def test_minimum_degree_reduces_fill():
+    """Symbolic Cholesky fill of a grid graph: minimum degree < natural order."""
+    import numpy as np
+    import scipy.sparse as sp
+    n = 12
+    g = sp.lil_matrix((n * n, n * n), dtype=bool)
+    for i in range(n):
+        for j in range(n):
+            a = i * n + j
+            for b in ([a + 1] if j + 1 < n else []) + ([a + n] if i + 1 < n else []):
+                g[a, b] = g[b, a] = True
+    g = g.tocsr()
+
+    def fill(order):
+        pos = np.empty(len(order), int)
+        pos[order] = np.arange(len(order))
+        nbrs = [set(pos[g.indices[g.indptr[v]:g.indptr[v + 1]]]) for v in order]
+        total = 0
+        for k in range(len(order)):        # eliminate in order: later neighbours form a clique
+            later = {x for x in nbrs[k] if x > k}
+            total += len(later)
+            for x in later:
+                nbrs[x] |= later - {x}
+        return total
+
+    md = sa._minimum_degree(g.indptr, g.indices, n * n)
+    assert sorted(md.tolist()) == list(range(n * n))
+    assert fill(md) < 0.75 * fill(np.arange(n * n))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block kernel vs dense reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("semantics", sa.SEMANTICS)
+@pytest.mark.parametrize("ordering,workspace_mb", [("rcm", 32.0), ("amd", 0.05), ("none", 0.01)])
+def test_block_equals_dense_outputs_and_grads(semantics, ordering, workspace_mb):
+    m = small_scap()
+    blk, ref = pair(m, semantics, ordering, workspace_mb=workspace_mb)
+    assert torch.equal(blk.effective_mask(), ref.effective_mask())
+    if semantics == "exact":
+        assert torch.equal(blk.effective_mask(), m)
+    else:                                  # block semantics contains the element pattern
+        assert bool((blk.effective_mask() | ~m).all())
+    torch.manual_seed(1)
+    x = torch.randn(3, len(m), 32, requires_grad=True)
+    yb, yr = blk(x), ref(x)
+    torch.testing.assert_close(yb, yr, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(yb) / yb.numel() ** 0.5
+    gb = torch.autograd.grad(yb, [x, *blk.parameters()], g)
+    gr = torch.autograd.grad(yr, [x, *ref.parameters()], g)
+    for a, b in zip(gb, gr):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_block_equals_naive():
+    m = small_scap()
+    blk, ref = pair(m, "exact", other="naive")
+    x = torch.randn(2, len(m), 32)
+    torch.testing.assert_close(blk(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gradcheck_float64(one_thread):
+    m = small_scap(rings=6, segments=6, joints=2)          # N = 38, tile 8 (padded to 40)
+    plan = sa.BlockSparsePlan(m, tile_size=8, ordering="rcm", semantics="exact",
+                              workspace_mb=0.005)      # several work items, split over heads
+    assert plan.N == 38 and plan.nT == 5
+    assert len(sa._work_items(plan, 2, 4, 8)) > len(plan.chunks)
+    q, k, v = (torch.randn(1, 2, 38, 4, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: sa.block_sparse_attention(a, b, c, plan),
+                                    (q, k, v), eps=1e-6, atol=1e-6)
+
+
+def test_gradcheck_float64_dropout(one_thread):
+    m = small_scap(rings=6, segments=6, joints=2)
+    plan = sa.BlockSparsePlan(m, tile_size=8, semantics="block")
+    q, k, v = (torch.randn(1, 2, 38, 4, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+
+    def f(a, b, c):
+        torch.manual_seed(123)             # same dropout draw on every call
+        return sa.block_sparse_attention(a, b, c, plan, dropout_p=0.3)
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(f(q, k, v), sa.block_sparse_attention(q, k, v, plan))
+
+
+def test_reordering_is_invisible():
+    m = small_scap()
+    torch.manual_seed(0)
+    x = torch.randn(2, len(m), 32)
+    outs = []
+    for ordering in sa.ORDERINGS:
+        torch.manual_seed(0)
+        mod = sa.BodySparseAttention(32, 4, m, tile_size=8, ordering=ordering)
+        outs.append(mod(x))
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("N", [37, 40, 41])
+def test_padding_when_not_multiple_of_tile(N):
+    g = torch.Generator().manual_seed(N)
+    m = torch.rand(N, N, generator=g) < 0.1
+    blk, ref = pair(m, "exact", tile=8, dim=16, heads=2)
+    assert blk.plan.nT * 8 >= N
+    x = torch.randn(2, N, 16, requires_grad=True)
+    yb, yr = blk(x), ref(x)
+    assert torch.isfinite(yb).all()
+    torch.testing.assert_close(yb, yr, atol=1e-5, rtol=1e-5)
+    gb, = torch.autograd.grad(yb.sum(), x)
+    gr, = torch.autograd.grad(yr.sum(), x)
+    assert torch.isfinite(gb).all()
+    torch.testing.assert_close(gb, gr, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_rows_get_self_loop():
+    m = torch.zeros(20, 20, dtype=torch.bool)            # nothing allowed: diagonal is forced
+    mod = sa.BodySparseAttention(8, 2, m, tile_size=8)
+    x = torch.randn(1, 20, 8)
+    y = mod(x)
+    # attending only itself: output = out_proj(v_proj(x))
+    torch.testing.assert_close(y, mod.out_proj(mod.v_proj(x)), atol=1e-5, rtol=1e-5)
+
+
+def test_exact_mode_locality():
+    """Perturbing a token outside a vertex's SCAP row leaves that vertex's output unchanged."""
+    m = small_scap()
+    mod = sa.BodySparseAttention(32, 4, m, tile_size=8, semantics="exact")
+    x = torch.randn(1, len(m), 32)
+    i = len(m) - 1                                        # a vertex row
+    outside = (~m[i]).nonzero().flatten()
+    inside = m[i].nonzero().flatten()
+    j = int(outside[len(outside) // 2])
+    x2 = x.clone()
+    x2[0, j] += 10.0
+    y, y2 = mod(x), mod(x2)
+    torch.testing.assert_close(y2[0, i], y[0, i], atol=1e-6, rtol=0)
+    x3 = x.clone()
+    x3[0, int(inside[inside != i][0])] += 10.0            # a neighbour does change it
+    assert not torch.allclose(mod(x3)[0, i], y[0, i])
+
+
+def test_batched_equals_single():
+    m = small_scap()
+    mod = sa.BodySparseAttention(32, 4, m, tile_size=8)
+    x = torch.randn(3, len(m), 32)
+    yb = mod(x)
+    for b in range(3):
+        torch.testing.assert_close(yb[b:b + 1], mod(x[b:b + 1]), atol=1e-6, rtol=1e-6)
+
+
+def test_bad_shapes_and_args_clear_errors():
+    m = small_scap()
+    mod = sa.BodySparseAttention(32, 4, m, tile_size=8)
+    with pytest.raises(ValueError, match=r"x must be \(B, N=%d, C=32\)" % len(m)):
+        mod(torch.randn(2, len(m) + 1, 32))
+    with pytest.raises(ValueError, match=r"x must be"):
+        mod(torch.randn(len(m), 32))
+    with pytest.raises(ValueError, match="square"):
+        sa.BodySparseAttention(32, 4, torch.ones(5, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask must be 2-D"):
+        sa.BodySparseAttention(32, 4, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not divisible"):
+        sa.BodySparseAttention(30, 4, m)
+    with pytest.raises(ValueError, match="unknown impl"):
+        sa.BodySparseAttention(32, 4, m, impl="flash")
+    with pytest.raises(ValueError, match="unknown method 'metis'"):
+        sa.reorder(m, "metis")
+    with pytest.raises(ValueError, match="unknown ordering"):
+        sa.BodySparseAttention(32, 4, m, ordering="metis")
+    with pytest.raises(ValueError, match="sequence length"):
+        sa.block_sparse_attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)), mod.plan)
+
+
+def test_cuda_hook(monkeypatch):
+    m = small_scap()
+    monkeypatch.delenv(sa.ENV_CUDA_FALLBACK, raising=False)
+    with pytest.raises(NotImplementedError, match="later issue"):
+        sa.BodySparseAttention(32, 4, m, impl="cuda")
+    with pytest.warns(UserWarning, match="using 'block'"):
+        mod = sa.BodySparseAttention(32, 4, m, impl="cuda", cuda_fallback=True)
+    assert mod.impl == "block"
+    monkeypatch.setenv(sa.ENV_IMPL, "dense")
+    assert sa.BodySparseAttention(32, 4, m).impl == "dense"
+
+
+def test_plan_shared_between_layers_and_not_in_state_dict():
+    m = small_scap()
+    a = sa.BodySparseAttention(32, 4, m, tile_size=8)
+    b = sa.BodySparseAttention(32, 4, m, tile_size=8)
+    assert a.plan.key_index_0 is b.plan.key_index_0        # cached plan tensors
+    assert set(a.state_dict()) == {f"{p}_proj.{w}" for p in ("q", "k", "v", "out")
+                                   for w in ("weight", "bias")}
+
+
+def test_train_mode_dropout_runs_and_eval_is_deterministic():
+    m = small_scap()
+    mod = sa.BodySparseAttention(32, 4, m, tile_size=8, dropout=0.5)
+    x = torch.randn(2, len(m), 32, requires_grad=True)
+    mod.train()
+    y = mod(x)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    mod.eval()
+    torch.testing.assert_close(mod(x), mod(x))
