@@ -898,8 +898,8 @@ def get_hierarchy(model_path, vertices, faces, cache_dir=None, graphcmr_path=Non
 
 
 # ----------------------------------------------------------------------------------------------
-def _icosphere(subdivisions=3):
-    """Unit icosphere (for the smoke test)."""
+def icosphere(subdivisions=3):
+    """Unit icosphere: vertices (V, 3) float64, faces (F, 3) with outward counter-clockwise winding."""
     t = (1 + 5 ** 0.5) / 2
     v = [[-1, t, 0], [1, t, 0], [-1, -t, 0], [1, -t, 0], [0, -1, t], [0, 1, t], [0, -1, -t],
          [0, 1, -t], [t, 0, -1], [t, 0, 1], [-t, 0, -1], [-t, 0, 1]]
@@ -943,7 +943,7 @@ if __name__ == "__main__":
         data = load_smpl_pickle(path)
         verts, fcs, name = np.asarray(data["v_template"]), np.asarray(data["f"]), str(path)
     else:
-        verts, fcs = _icosphere(4)
+        verts, fcs = icosphere(4)
         verts, name = verts * 0.5, "icosphere(4), radius 0.5 m"
     t0 = time.perf_counter()
     hier = build_hierarchy(verts, fcs)

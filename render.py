@@ -36,7 +36,6 @@ Departures / choices (no reference implementation to follow)
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -299,37 +298,13 @@ def overlay(image, vertices, faces, focal, center=None, translation=None, color=
     return (img * (1 - m) + rgb * m).round().clip(0, 255).astype(np.uint8)
 
 
-def _icosphere(subdiv=3):
-    """Unit sphere mesh (vertices (V,3), faces (F,3)) with outward counter-clockwise winding."""
-    t = (1.0 + 5 ** 0.5) / 2
-    v = [[-1, t, 0], [1, t, 0], [-1, -t, 0], [1, -t, 0], [0, -1, t], [0, 1, t], [0, -1, -t],
-         [0, 1, -t], [t, 0, -1], [t, 0, 1], [-t, 0, -1], [-t, 0, 1]]
-    f = [[0, 11, 5], [0, 5, 1], [0, 1, 7], [0, 7, 10], [0, 10, 11], [1, 5, 9], [5, 11, 4],
-         [11, 10, 2], [10, 7, 6], [7, 1, 8], [3, 9, 4], [3, 4, 2], [3, 2, 6], [3, 6, 8], [3, 8, 9],
-         [4, 9, 5], [2, 4, 11], [6, 2, 10], [8, 6, 7], [9, 8, 1]]
-    v = [np.array(p, dtype=np.float64) / math.sqrt(sum(q * q for q in p)) for p in v]
-    for _ in range(subdiv):
-        mid, nf = {}, []
-
-        def m(a, b):
-            k = (min(a, b), max(a, b))
-            if k not in mid:
-                p = v[a] + v[b]
-                v.append(p / np.linalg.norm(p))
-                mid[k] = len(v) - 1
-            return mid[k]
-        for a, b, c in f:
-            ab, bc, ca = m(a, b), m(b, c), m(c, a)
-            nf += [[a, ab, ca], [b, bc, ab], [c, ca, bc], [ab, bc, ca]]
-        f = nf
-    return torch.tensor(np.stack(v), dtype=torch.float32), torch.tensor(f)
-
-
 if __name__ == "__main__":
     # Smoke test: a batch of spheres, timing, and an overlay written to /tmp.
     import time
     torch.set_num_threads(1)  # see data.generate_synthetic: OpenMP threads spin on a busy CPU
-    v, f = _icosphere(5)  # 10242 vertices, 20480 faces (about an SMPL mesh)
+    from mesh import icosphere
+    v, f = (torch.as_tensor(a) for a in icosphere(5))  # 10242 vertices, 20480 faces (~ an SMPL mesh)
+    v = v.float()
     B, H, W = 16, 224, 224
     verts = v[None] * 0.3 + torch.tensor([0.0, 0.0, 2.5])
     verts = verts.expand(B, -1, -1) + torch.randn(B, 1, 3) * torch.tensor([0.1, 0.1, 0.3])

@@ -15,7 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HMR_CACHE", str(ROOT / ".cache"))
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests run many small ops: one thread avoids OpenMP wake-up costs, which on a busy 2-core machine
+# made some files 10-50x slower. (Benchmarks and training use the default thread count.)
+torch.set_num_threads(1)
 
 SMPL_PARENTS = [-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21]
 LSP_TO_SMPL = [8, 5, 2, 1, 4, 7, 21, 19, 17, 16, 18, 20, 12, 15]

@@ -1,11 +1,9 @@
 """Tests for deformer.py (DeFormer) on the tiny icosphere topology (162 -> 42 -> 12 vertices)."""
-import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import deformer
 from deformer import PRESETS, DeFormer, project, reference_points
@@ -14,36 +12,9 @@ from sparse_attention import build_scap, mesh_adjacency
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: extra threads only add contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class TinyBackbone(nn.Module):
-    """Stand-in backbone: maps at strides 4, 8, 16, 32 (contract attributes)."""
-
-    def __init__(self, chans=(8, 12, 16, 20)):
-        super().__init__()
-        self.feature_channels = list(chans)
-        self.feature_strides = [4, 8, 16, 32]
-        self.out_channels = chans[-1]
-        ins = (3,) + tuple(chans[:-1])
-        self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, stride=4 if k == 0 else 2, padding=1)
-                                   for k, (i, o) in enumerate(zip(ins, chans)))
-
-    def forward_features(self, x):
-        out = []
-        for c in self.convs:
-            x = torch.relu(c(x))
-            out.append(x)
-        return out
-
-    def forward(self, x):
-        return self.forward_features(x)[-1]
+def TinyBackbone(chans=(8, 12, 16, 20)):
+    """Stand-in backbone: maps at strides 4, 8, 16, 32 (the smoke test's, from deformer.py)."""
+    return deformer._StandInBackbone(chans)
 
 
 def tiny_cfg(**kw):

@@ -8,7 +8,6 @@ cam_predictor, with 14 joints and 431 / 1723 vertices. The official training scr
 "overall - backbone"; the paper subtracts the upsampling layer. The paper's figures equal this
 count truncated to 0.1M (S: 9,297,030 -> "9.2M").
 """
-import copy
 import dataclasses
 import math
 
@@ -17,15 +16,6 @@ import torch
 from torch import nn
 
 import fastmetro as fm
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small-tensor work: one thread avoids oversubscription on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(preset="tiny", **kw):

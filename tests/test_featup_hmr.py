@@ -15,16 +15,6 @@ from torch import nn
 import featup_hmr as fh
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """These tests run many small ops; with 2 OpenMP threads on a shared 2-core machine every op
-    can wait a scheduler slice for its second thread (measured: 4 s vs 230 s for this file)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- stand-ins
 class TinyViT(nn.Module):
     """ViT-like: 16x16 patch embedding + two token-mixing blocks; maps after block 1 and 2."""

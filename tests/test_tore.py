@@ -6,7 +6,7 @@ import torch
 
 import fastmetro as fm
 import tore
-from test_fastmetro import _consistent_topology, _one_thread, _targets  # noqa: F401 (autouse fixture)
+from test_fastmetro import _consistent_topology, _targets
 
 
 def _cfg(preset="tiny", **kw):

@@ -1,0 +1,67 @@
+"""Metrics: PA-MPJPE removes similarity transforms, MPJPE measures known offsets, masking works."""
+import math
+
+import torch
+
+import evaluate as ev
+
+
+def random_rotation(gen):
+    q = torch.randn(4, generator=gen, dtype=torch.float64)
+    q = q / q.norm()
+    w, x, y, z = q
+    return torch.tensor([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                         [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
+def test_pa_mpjpe_of_similarity_copy_is_zero():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.randn(5, 14, 3, generator=g, dtype=torch.float64)
+    pred = torch.stack([2.5 * gt[i] @ random_rotation(g).T + torch.randn(3, generator=g, dtype=torch.float64)
+                        for i in range(5)])
+    assert ev.mpjpe(pred, gt).min() > 0.1                       # really transformed
+    assert torch.allclose(ev.pa_mpjpe(pred, gt), torch.zeros(5, dtype=torch.float64), atol=1e-9)
+
+
+def test_pa_mpjpe_does_not_undo_a_reflection():
+    g = torch.Generator().manual_seed(1)
+    gt = torch.randn(3, 14, 3, generator=g, dtype=torch.float64)
+    mirrored = gt * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+    assert (ev.pa_mpjpe(mirrored, gt) > 1e-3).all()
+
+
+def test_mpjpe_of_known_offset_is_that_offset():
+    gt = torch.randn(4, 14, 3, dtype=torch.float64)
+    offset = torch.tensor([0.03, -0.04, 0.0], dtype=torch.float64)    # 5 cm
+    assert torch.allclose(ev.mpjpe(gt + offset, gt), torch.full((4,), 0.05, dtype=torch.float64))
+
+
+def test_confidence_masks_joints():
+    gt = torch.zeros(1, 14, 3)
+    pred = gt.clone()
+    pred[0, 5] = torch.tensor([1.0, 0, 0])       # a big error on joint 5
+    conf = torch.ones(1, 14)
+    assert math.isclose(ev.mpjpe(pred, gt, conf).item(), 1 / 14, rel_tol=1e-6)
+    conf[0, 5] = 0
+    assert ev.mpjpe(pred, gt, conf).item() == 0.0
+
+
+def test_alignment_modes():
+    j = torch.randn(2, 14, 3)
+    pelvis = torch.randn(2, 3)
+    assert torch.allclose(ev.centre(j, "pelvis", pelvis), j - pelvis[:, None])
+    hip = ev.centre(j, "hip")
+    assert torch.allclose((hip[:, 2] + hip[:, 3]) / 2, torch.zeros(2, 3), atol=1e-6)
+
+
+def test_accumulator_reports_millimetres_and_per_joint():
+    acc = ev.MetricAccumulator()
+    gt = torch.randn(3, 14, 3)
+    pred = gt + torch.tensor([0.0, 0.0, 0.01])                              # 10 mm everywhere
+    zero = torch.zeros(3, 3)
+    acc.add(pred, gt, torch.ones(3, 14), "pelvis", zero, zero)
+    res = acc.result()
+    assert abs(res["mpjpe"] - 10.0) < 1e-3
+    assert res["pa_mpjpe"] < 1e-3
+    assert all(abs(v - 10.0) < 1e-3 for v in res["per_joint_mpjpe"].values())

@@ -1,0 +1,555 @@
+"""One trainer for every model in this repository.
+
+    python train.py --model fastmetro --preset tiny --train data/synth/train.npz --val data/synth/test.npz
+    torchrun --nproc_per_node 8 train.py --model deformer --preset paper --train cfg.yaml ...
+    torchrun --nproc_per_node 2 train.py --model tore --preset tiny --device cpu ...   # gloo
+
+What it does, in order: builds the body model (toy body by default, or real SMPL with --body),
+the model (`build_model`: preset -> backbone -> topology -> model), the datasets (SPIN npz or
+METRO TSV, mixed with weights), then runs a step-based loop with DDP, bf16 autocast on GPU,
+gradient accumulation, clipping and the paper's optimiser/schedule (each model file's
+TRAIN_DEFAULTS), and evaluates periodically (evaluate.py). Ground-truth meshes are computed from
+the SMPL parameters on the device inside the loop.
+
+Checkpoints (`last.pt`, and `step_XXXXXXX.pt` with --keep-every) are written atomically (temp
+file + fsync + os.replace) and hold the model, optimiser, scheduler, step, the RNG states and the
+config. `--resume` continues exactly: the data order depends only on (seed, epoch), augmentation
+only on (seed, epoch, sample index), the loader's workers are seeded from a generator derived
+from (seed, epoch), and the global RNG state (dropout) is restored, so the loss sequence after a
+resume equals the uninterrupted one.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import body as body_lib
+import data as data_lib
+import evaluate as eval_lib
+from backbones import build_backbone
+
+MODELS = ("fastmetro", "tore", "deformer", "featup_hmr")
+J24_TO_LSP = eval_lib.J24_TO_LSP
+
+
+# ----------------------------------------------------------------------------- building
+def model_module(name):
+    """The model file for `name` (imported lazily so one broken model does not block the rest)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    return __import__(name)
+
+
+def build_model(name, preset, body_model, pretrained_backbone=None, overrides=None, device="cpu"):
+    """Preset -> config (+ overrides) -> backbone -> topology -> model."""
+    mod = model_module(name)
+    if preset not in mod.PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for {name}; choose one of {sorted(mod.PRESETS)}")
+    cfg = dataclasses.replace(mod.PRESETS[preset], **(overrides or {}))
+    backbone_kw = getattr(cfg, "backbone_kwargs", None) or {}
+    backbone = build_backbone(cfg.backbone, pretrained=pretrained_backbone, **backbone_kw)
+    topology = body_model.topology()
+    cls = {"fastmetro": "FastMETRO", "tore": "TORE", "deformer": "DeFormer", "featup_hmr": "FeatUpHMR"}[name]
+    kwargs = {"body_model": body_model} if name == "featup_hmr" else {}
+    model = getattr(mod, cls)(cfg, backbone, topology, **kwargs)
+    return model.to(device), cfg
+
+
+def build_body(args_body=None, h36m_regressor=None, gender="neutral"):
+    return body_lib.BodyModel(model_path=args_body, h36m_regressor_path=h36m_regressor)
+
+
+def parse_overrides(items):
+    """--set key=value pairs -> dict with Python literals (ints, floats, bools, tuples)."""
+    import ast
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+def make_train_dataset(spec, img_root, input_size, seed, skip_bad=False, augment=None):
+    """`spec`: comma-separated datasets, each `PATH[@WEIGHT]` (npz or TSV yaml); `augment`: the
+    augmentation strengths (data.HMRDataset keywords: flip_prob, rot_factor, ...)."""
+    parts, weights = [], []
+    for item in spec.split(","):
+        path, _, w = item.partition("@")
+        parts.append(data_lib.open_dataset(path, img_root=img_root, train=True, input_size=input_size,
+                                           seed=seed, skip_bad=skip_bad, **(augment or {})))
+        weights.append(float(w) if w else 1.0)
+    if len(parts) == 1:
+        return parts[0], None
+    return data_lib.MixedDataset(parts), weights
+
+
+def training_smpl_params(dataset):
+    """(pose (N,72), betas (N,10)) of the samples with SMPL labels in npz datasets, else None."""
+    parts = getattr(dataset, "datasets", [dataset])
+    poses, betas = [], []
+    for d in parts:
+        arrays = getattr(d, "d", None)
+        if arrays is None or "pose" not in arrays or "shape" not in arrays:
+            continue
+        keep = arrays["has_smpl"] > 0 if "has_smpl" in arrays else np.ones(len(arrays["pose"]), bool)
+        poses.append(arrays["pose"][keep])
+        betas.append(arrays["shape"][keep])
+    if not poses or sum(len(p) for p in poses) == 0:
+        return None
+    return np.concatenate(poses), np.concatenate(betas)
+
+
+def make_eval_loader(spec, img_root, input_size, batch_size, workers):
+    ds = data_lib.open_dataset(spec, img_root=img_root, train=False, input_size=input_size)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=data_lib.collate, persistent_workers=False)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Indices for one epoch on this rank, determined by (seed, epoch) alone; can skip a prefix.
+
+    Uniform shuffling (DistributedSampler) or per-dataset weights (data.WeightedMixedSampler).
+    `skip` drops the first `skip` indices of the epoch, which is how --resume continues mid-epoch.
+    """
+
+    def __init__(self, dataset, seed, rank, world, weights=None, num_samples=None):
+        self.dataset, self.seed, self.rank, self.world = dataset, seed, rank, world
+        self.weights = weights
+        self.epoch, self.skip = 0, 0
+        if weights is None:
+            self.inner = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                             shuffle=True, seed=seed, drop_last=True)
+        else:
+            self.inner = data_lib.WeightedMixedSampler(dataset, weights, num_replicas=world, rank=rank,
+                                                       seed=seed, num_samples=num_samples)
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return iter(list(self.inner)[self.skip:])
+
+    def __len__(self):
+        return len(self.inner) - self.skip
+
+
+def make_targets(batch, body_model, device, epoch):
+    """Dataset batch -> the `targets` dict every model's loss takes (see the contract in README)."""
+    pose = batch["pose"].to(device, non_blocking=True)
+    betas = batch["betas"].to(device, non_blocking=True)
+    has_smpl = batch["has_smpl"].to(device).float()
+    with torch.no_grad():
+        vertices = body_model(betas, pose)["vertices"]                       # (B, V, 3) metres
+        vertices = vertices * has_smpl[:, None, None]
+    j3d = batch["joints3d"].to(device)[:, J24_TO_LSP]                        # (B, 24, 4) -> (B, 14, 4)
+    j2d = batch["joints2d"].to(device)[:, J24_TO_LSP]                        # (B, 24, 3) -> (B, 14, 3)
+    return {"joints3d": j3d, "joints2d": j2d, "vertices": vertices, "has_smpl": has_smpl,
+            "has_3d": batch["has_3d"].to(device).float(), "pose": pose, "betas": betas,
+            "epoch": float(epoch)}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_plain(obj):
+    """RNG states contain tuples and numpy arrays; keep them loadable with weights_only=True."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, tuple):
+        return [_to_plain(x) for x in obj]
+    if isinstance(obj, list):
+        return [_to_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _from_plain_rng(state):
+    py = state["python"]
+    np_state = state["numpy"]
+    out = {"python": (py[0], tuple(py[1]), py[2]),
+           "numpy": (np_state[0], np_state[1].numpy(), np_state[2], np_state[3], np_state[4]),
+           "torch": state["torch"].to(torch.uint8)}
+    if "cuda" in state:
+        out["cuda"] = [t.to(torch.uint8) for t in state["cuda"]]
+    return out
+
+
+def load_checkpoint(path, map_location="cpu"):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+
+
+def load_model_from_checkpoint(path, device, body=None, h36m_regressor=None):
+    """Rebuild the model a checkpoint was trained with and load its weights (for eval/demo)."""
+    ck = load_checkpoint(path)
+    cfg = ck["config"]
+    body_model = build_body(body or cfg.get("body"), h36m_regressor or cfg.get("h36m_regressor")).to(device)
+    model, model_cfg = build_model(cfg["model"], cfg["preset"], body_model,
+                                   overrides=parse_overrides(cfg.get("set")), device=device)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    return model, body_model, cfg
+
+
+# ----------------------------------------------------------------------------- distributed
+def setup_distributed(device_arg):
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = device_arg != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+        return rank, world, device
+    dev = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    return 0, 1, torch.device(dev)
+
+
+def replica_spread(model, world):
+    """Largest difference of any parameter between ranks (0.0 means the replicas are in sync)."""
+    flat = torch.cat([p.detach().float().reshape(-1).cpu() for p in model.parameters()])
+    if world == 1:
+        return 0.0
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max())
+
+
+def all_finite(value, world):
+    """True on every rank iff the loss is finite on every rank (so all ranks skip/stop together)."""
+    flag = torch.tensor([1.0 if math.isfinite(value) else 0.0])
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+# ----------------------------------------------------------------------------- training
+def lr_lambda_factory(drop_steps, gamma=0.1):
+    def f(step):
+        return gamma ** sum(step >= s for s in drop_steps)
+    return f
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train FastMETRO / TORE / DeFormer / FeatUp-HMR.")
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the preset, e.g. --set dropout=0.0")
+    p.add_argument("--train", required=True, help="PATH[@WEIGHT],... (SPIN npz or METRO TSV yaml)")
+    p.add_argument("--val", default=None, help="evaluation dataset (npz or TSV yaml)")
+    p.add_argument("--img-root", default=None, help="image root for npz datasets (default: npz folder)")
+    p.add_argument("--body", default=None, help="SMPL .pkl (default: the procedural toy body)")
+    p.add_argument("--h36m-regressor", default=None, help="J_regressor_h36m_correct.npy for real SMPL")
+    p.add_argument("--pretrained-backbone", default=None)
+    p.add_argument("--out", default="runs/default")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=None, help="per process (default: the paper's)")
+    p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--clip", type=float, default=None, help="gradient clip (norm or value, per model)")
+    p.add_argument("--epochs", type=float, default=None, help="default: the paper's")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this time")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                   help="bf16 autocast (auto: on for CUDA)")
+    p.add_argument("--flip-prob", type=float, default=0.5, help="augmentation (FastMETRO defaults)")
+    p.add_argument("--rot-factor", type=float, default=30.0, help="rotation std in degrees")
+    p.add_argument("--scale-factor", type=float, default=0.25)
+    p.add_argument("--noise-factor", type=float, default=0.4, help="per-channel pixel noise U[1-f, 1+f]")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at end)")
+    p.add_argument("--eval-batches", type=int, default=None)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--keep-every", type=int, default=0, help="also keep step_N.pt every N steps")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if present")
+    p.add_argument("--on-nan", choices=["stop", "skip"], default="stop")
+    p.add_argument("--max-skips", type=int, default=20,
+                   help="with --on-nan skip: stop after this many non-finite losses in a row")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (counted)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="exit right after this step (and its checkpoint), as if interrupted")
+    return p.parse_args(argv)
+
+
+def train(args):
+    rank, world, device = setup_distributed(args.device)
+    is_main = rank == 0
+    out = Path(args.out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
+
+    body_model = build_body(args.body, args.h36m_regressor).to(device)
+    model, cfg = build_model(args.model, args.preset, body_model, args.pretrained_backbone,
+                             parse_overrides(args.set), device)
+    defaults = dict(model_module(args.model).TRAIN_DEFAULTS)
+    batch_size = args.batch_size or defaults.get("batch_size", 16)
+    lr = args.lr if args.lr is not None else defaults["lr"]
+    wd = args.weight_decay if args.weight_decay is not None else defaults.get("weight_decay", 1e-4)
+    clip = args.clip if args.clip is not None else defaults.get("clip_grad_norm")
+    clip_mode = defaults.get("clip_mode", "norm")
+
+    augment = dict(flip_prob=args.flip_prob, rot_factor=args.rot_factor,
+                   scale_factor=args.scale_factor, noise_factor=args.noise_factor)
+    train_set, weights = make_train_dataset(args.train, args.img_root, cfg.input_size, args.seed,
+                                            args.skip_bad, augment)
+    sampler = EpochSampler(train_set, args.seed, rank, world, weights)
+    steps_per_epoch = max(1, len(sampler) // (batch_size * args.accum))
+    epochs = args.epochs if args.epochs is not None else defaults.get("epochs", 60)
+    total_steps = args.steps or int(math.ceil(epochs * steps_per_epoch))
+    drop_steps = [int(e * steps_per_epoch) for e in defaults.get("lr_drop_epochs", [])]
+    if args.steps and defaults.get("lr_drop_epochs") and args.epochs is None:
+        # With an explicit step budget, put the drops at the same fraction of training.
+        drop_steps = [int(total_steps * e / defaults.get("epochs", 60)) for e in defaults["lr_drop_epochs"]]
+
+    if hasattr(model, "set_mean_params") and not getattr(cfg, "mean_params_path", None):
+        # Iterative error feedback starts from the mean SMPL parameters of the training data.
+        smpl = training_smpl_params(train_set)
+        if smpl is not None:
+            model.set_mean_params(model_module(args.model).mean_params_from_dataset(*smpl))
+            if is_main:
+                print(f"mean SMPL parameters from {len(smpl[0])} training samples", flush=True)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    warm = args.warmup_steps
+    decay = lr_lambda_factory(drop_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: decay(s) * (min(1.0, (s + 1) / warm) if warm else 1.0))
+
+    config = {**vars(args), "batch_size": batch_size, "lr": lr, "weight_decay": wd, "clip": clip,
+              "clip_mode": clip_mode, "total_steps": total_steps, "world_size": world,
+              "model_config": dataclasses.asdict(cfg)}
+    step, epoch, pos = 0, 0, 0          # pos: samples of the current epoch this rank consumed
+    ckpt_path = out / "last.pt"
+    if args.resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        step, epoch, pos = ck["step"], ck["epoch"], ck["pos"]
+        rng = ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0]
+        set_rng_state(_from_plain_rng(rng))
+        if is_main:
+            print(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, sample {pos})", flush=True)
+
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=True) if world > 1 else model
+    use_amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    log_file = open(out / "log.jsonl", "a") if is_main else None
+    val_loader = baseline = None
+    if args.val and is_main:
+        val_loader = make_eval_loader(args.val, args.img_root, cfg.input_size, batch_size, args.workers)
+
+    def save(final=False):
+        states = [None] * world
+        # Gather as numpy (pickling torch tensors through all_gather_object is fragile), then
+        # store tensors/lists so the checkpoint loads with weights_only=True.
+        local = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in rng_state().items()}
+        if "cuda" in local:
+            local["cuda"] = [t.numpy() for t in local["cuda"]]
+        if world > 1:
+            dist.all_gather_object(states, local)
+        else:
+            states = [local]
+        states = [_to_plain(st) for st in states]
+        if is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "pos": pos,
+                     "rng": states, "config": config}
+            atomic_save(state, ckpt_path)
+            if args.keep_every and step % args.keep_every == 0:
+                atomic_save(state, out / f"step_{step:07d}.pt")
+
+    def run_eval():
+        nonlocal baseline
+        if val_loader is None:
+            return None
+        if baseline is None:
+            base_loader = make_eval_loader(args.train.split(",")[0].partition("@")[0], args.img_root,
+                                           cfg.input_size, batch_size, args.workers)
+            baseline = eval_lib.mean_pose_baseline(base_loader, body_model, device)
+        res = eval_lib.evaluate(model, val_loader, body_model, device, max_batches=args.eval_batches,
+                                baseline=baseline)
+        eval_lib.print_table(res, f"Evaluation at step {step} (mm)")
+        log_file.write(json.dumps({"step": step, "eval": res}) + "\n")
+        log_file.flush()
+        return res
+
+    progress = None
+    if is_main and not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(total=total_steps, initial=step, desc=f"{args.model}-{args.preset}",
+                        dynamic_ncols=True, file=sys.stdout)
+    t_start = time.time()
+    t_last, imgs_since = time.time(), 0
+    stop = False
+    skipped_in_a_row = 0
+    model.train()
+    while step < total_steps and not stop:
+        sampler.set_epoch(epoch, skip=pos)
+        train_set.set_epoch(epoch)          # augmentation depends on (seed, epoch, index) only
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=batch_size, sampler=sampler, num_workers=args.workers,
+            collate_fn=data_lib.collate, drop_last=True, pin_memory=device.type == "cuda",
+            worker_init_fn=data_lib.worker_init_fn,
+            generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
+        micro = 0
+        for batch in loader:
+            targets = make_targets(batch, body_model, device, epoch + pos / max(1, len(sampler.inner)))
+            images = batch["img"].to(device, non_blocking=True)
+            sync = (micro + 1) % args.accum == 0
+            ctx = ddp_model.no_sync() if (world > 1 and not sync) else _nullcontext()
+            with ctx:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    outputs = ddp_model(images)
+                    loss, logs = model.loss(outputs, targets)
+                (loss / args.accum).backward()
+            micro += 1
+            pos += images.shape[0]
+            imgs_since += images.shape[0] * world
+            if not sync:
+                continue
+            loss_value = float(loss.detach())
+            if not all_finite(loss_value, world):
+                if args.on_nan == "stop":
+                    raise FloatingPointError(
+                        f"non-finite loss {loss_value} at step {step} (epoch {epoch}); parts: {logs}. "
+                        "Lower the lr, check the data (--skip-bad), or pass --on-nan skip.")
+                optimizer.zero_grad(set_to_none=True)
+                skipped_in_a_row += 1
+                if is_main:
+                    print(f"step {step}: non-finite loss, batch skipped", flush=True)
+                if skipped_in_a_row >= args.max_skips:
+                    raise FloatingPointError(f"{skipped_in_a_row} non-finite losses in a row at step {step}; "
+                                             "giving up (--max-skips)")
+                continue
+            skipped_in_a_row = 0
+            if clip:
+                if clip_mode == "value":
+                    torch.nn.utils.clip_grad_value_(params, clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if is_main and (step % args.log_every == 0 or step == total_steps):
+                now = time.time()
+                rate = imgs_since / max(now - t_last, 1e-9)
+                t_last, imgs_since = now, 0
+                rec = {"step": step, "epoch": epoch, "loss": loss_value,
+                       "lr": scheduler.get_last_lr()[0], "img_per_s": rate,
+                       **{k: float(v) for k, v in logs.items()}}
+                log_file.write(json.dumps(rec) + "\n")
+                log_file.flush()
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}",
+                                     refresh=False)
+                progress.update(1)
+            out_of_time = args.max_minutes is not None and (time.time() - t_start) / 60 > args.max_minutes
+            if world > 1:
+                flag = torch.tensor([1.0 if out_of_time else 0.0])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item() > 0)
+            if step % args.ckpt_every == 0 or step == total_steps or out_of_time:
+                save()
+            if args.stop_at_step is not None and step >= args.stop_at_step:
+                if is_main:
+                    print(f"--stop-at-step: exiting at step {step}", flush=True)
+                if world > 1:
+                    dist.destroy_process_group()
+                return None
+            if args.eval_every and step % args.eval_every == 0 and is_main and step < total_steps:
+                run_eval()
+            if step >= total_steps or out_of_time:
+                stop = True
+                break
+        else:  # the epoch ran out (not a stop): the next one starts from its first sample
+            epoch, pos = epoch + 1, 0
+    if progress is not None:
+        progress.close()
+    save()
+    spread = replica_spread(model, world)
+    result = None
+    if is_main:
+        (out / "replicas.json").write_text(json.dumps({"world_size": world, "max_param_spread": spread}))
+        if world > 1:
+            print(f"replicas in sync: max parameter difference across {world} ranks = {spread:.3g}")
+        result = run_eval()
+        log_file.close()
+        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}",
+              flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    train(parse_args())
