@@ -183,14 +183,14 @@ def evaluate(model, loader, body_model, device, align="pelvis", max_batches=None
 
 
 @torch.no_grad()
-def mean_pose_baseline(loader, body_model, device, align="pelvis", max_batches=50):
+def mean_pose_baseline(loader, body_model, device, align="pelvis", max_batches=None):
     """Mean root-relative GT joints (14,3) and pelvis-centred GT mesh (V,3) over a training set."""
     h36m_reg = body_model.J_regressor_h36m.to(device)
     sj = sv = 0
     nj = torch.zeros(14, 1, device=device)
     nv = 0
     for i, batch in enumerate(loader):
-        if i >= max_batches:
+        if max_batches is not None and i >= max_batches:
             break
         joints, conf, pelvis, verts, has_smpl = ground_truth(batch, body_model, h36m_reg, device)
         rel = centre(joints, align, pelvis)
@@ -207,12 +207,12 @@ def mean_pose_baseline(loader, body_model, device, align="pelvis", max_batches=5
 
 
 def print_table(results, title="Evaluation (mm)"):
-    rows = [(name, r) for name, r in results.items() if r is not None]
+    rows = [(name, r) for name, r in results.items() if isinstance(r, dict) and "mpjpe" in r]
     print(f"\n{title}")
     print(f"{'':22s} {'MPJPE':>8s} {'PA-MPJPE':>9s} {'MPVE':>8s} {'N':>6s}")
     for name, r in rows:
         print(f"{name:22s} {r['mpjpe']:8.1f} {r['pa_mpjpe']:9.1f} {r['mpve']:8.1f} {r['num_samples']:6d}")
-    if results.get("model") and results.get("mean_pose_baseline"):
+    if isinstance(results.get("model"), dict) and isinstance(results.get("mean_pose_baseline"), dict):
         ratio = results["model"]["mpjpe"] / results["mean_pose_baseline"]["mpjpe"]
         print(f"MPJPE model / mean-pose baseline = {ratio:.3f}")
 

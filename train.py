@@ -501,8 +501,9 @@ def train(args):
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()
             if progress is not None:
+                rate = progress.format_dict.get("rate") or 0.0          # optimizer steps per second
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}",
-                                     refresh=False)
+                                     img_s=f"{rate * batch_size * world * args.accum:.0f}", refresh=False)
                 progress.update(1)
             out_of_time = args.max_minutes is not None and (time.time() - t_start) / 60 > args.max_minutes
             if world > 1:
