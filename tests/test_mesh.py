@@ -17,7 +17,7 @@ from mesh import (MeshHierarchy, adjacency, adjacency_dense, build_hierarchy, ed
 # helpers
 # ---------------------------------------------------------------------------------------------
 def icosphere(subdivisions, radius=1.0, centre=(0, 0, 0), scale=(1, 1, 1)):
-    v, f = mesh._icosphere(subdivisions)
+    v, f = mesh.icosphere(subdivisions)
     return v * radius * np.asarray(scale) + np.asarray(centre), f
 
 

@@ -2,7 +2,13 @@
 import numpy as np
 import torch
 
-from render import _icosphere, barycentrics, overlay, project, rasterize, render
+from mesh import icosphere
+from render import barycentrics, overlay, project, rasterize, render
+
+
+def _icosphere(subdivisions):
+    v, f = icosphere(subdivisions)
+    return torch.as_tensor(v, dtype=torch.float32), torch.as_tensor(f)
 
 H = W = 32
 
