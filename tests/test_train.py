@@ -147,3 +147,23 @@ def test_demo_writes_obj_png_npz(synth, tmp_path):
             assert (tmp_path / "demo" / f"{stem}{suffix}").stat().st_size > 0
         obj = (tmp_path / "demo" / f"{stem}.obj").read_text().splitlines()
         assert sum(l.startswith("v ") for l in obj) == 6890
+
+
+def test_weighted_mixed_datasets_train(synth, tmp_path):
+    spec = f"{synth / 'train.npz'}@0.7,{synth / 'test.npz'}@0.3"
+    run_train(synth, tmp_path, "--train", spec, steps=2)
+    assert [s for s, _ in losses(tmp_path)] == [1, 2]
+
+
+def test_evaluate_cli_writes_json_with_baseline(synth, tmp_path):
+    import evaluate
+    run_train(synth, tmp_path / "run", steps=1)
+    out = tmp_path / "eval.json"
+    res = evaluate.main(["--ckpt", str(tmp_path / "run" / "last.pt"), "--data", str(synth / "test.npz"),
+                         "--baseline-data", str(synth / "train.npz"), "--out", str(out),
+                         "--device", "cpu", "--workers", "0", "--align", "hip"])
+    saved = json.loads(out.read_text())
+    for key in ("model", "mean_pose_baseline"):
+        assert saved[key]["num_samples"] == 4
+        assert saved[key]["mpjpe"] > 0 and saved[key]["pa_mpjpe"] <= saved[key]["mpjpe"] + 1e-6
+    assert saved["align"] == "hip" and res["model"]["mpjpe"] == saved["model"]["mpjpe"]
