@@ -37,23 +37,8 @@ def _proc_status_bytes(key):
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def peak_memory(fn):
-    """Peak bytes fn() adds while it runs.
-
-    CUDA: torch.cuda.max_memory_allocated above the starting allocation.
-    CPU (Linux): the process's peak resident set (VmHWM) above its resident set at the start,
-    after returning freed heap memory to the OS (malloc_trim) and resetting the peak through
-    /proc/self/clear_refs. The profiler's per-op memory figures count nested ops twice, so they
-    are not used. Call it once to warm up (first calls pay for one-time allocations).
-    """
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+def _rss_peak(fn):
+    """Peak resident set (VmHWM) above the start, after malloc_trim and a /proc reset (Linux)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
@@ -63,6 +48,38 @@ def peak_memory(fn):
     base = _proc_status_bytes("VmRSS:")
     fn()
     return _proc_status_bytes("VmHWM:") - base
+
+
+def peak_memory(fn):
+    """Peak bytes held by tensors that fn() allocates.
+
+    CUDA: torch.cuda.max_memory_allocated above the starting allocation.
+    CPU: the running maximum of the profiler's per-allocation "[memory]" events (exact tensor
+    bytes, in time order). The per-op memory columns of the profiler are inclusive of nested ops
+    and double-count, so they are not used. If the profiler API is missing, the process's peak
+    resident set above the start is returned instead (coarser: includes allocator caching).
+    """
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+    except AttributeError:
+        return _rss_peak(fn)
+    live = top = 0
+    for _, nbytes in events:
+        live += nbytes
+        top = max(top, live)
+    return top
 
 
 def bench_data(args):
@@ -117,29 +134,12 @@ def bench_sparse_attention(args):
     SCAP and (ii) naive attention materialising the N x N scores.  (ii) at full size needs
     ~10 GB, so it is measured on a (1 batch, 2 heads) slice and scaled linearly by B*H/2 (its
     time and memory are linear in B*H); labelled "scaled".  Also prints tile density per
-    ordering.  Peak memory: exact running sum of the profiler's per-allocation events (the
-    module-level `peak_memory` helper sums nested op totals, which double-counts)."""
+    ordering.  Peak memory: `peak_memory` (running sum of the profiler's allocation events)."""
     import torch.nn.functional as F
 
     import sparse_attention as sa
 
-    def peak(fn):
-        gc.collect()
-        if torch.cuda.is_available():
-            return peak_memory(fn)
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        try:
-            evs = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                         if e.name() == "[memory]")
-        except AttributeError:          # older/newer profiler API: fall back to the helper
-            return peak_memory(fn)
-        live = top = 0
-        for _, nbytes in evs:
-            live += nbytes
-            top = max(top, live)
-        return top
+    peak = peak_memory
 
     try:
         from body import H36M_TO_LSP, LSP_TO_SMPL, BodyModel
@@ -299,7 +299,6 @@ def bench_fastmetro_tore(args):
     "transformer" and transformer_3 (the NSR) separately. Throughput: random-init weights,
     full model (backbone included) and the head alone, as ratios to FastMETRO in the same run.
     """
-    import dataclasses
     from torch.utils.flop_counter import FlopCounterMode
     import fastmetro as fm
     import tore
@@ -409,23 +408,7 @@ def bench_deformer(args):
     from body import BodyModel
     from deformer import PRESETS, DeFormer
 
-    def peak(fn):
-        gc.collect()
-        if torch.cuda.is_available():
-            return peak_memory(fn)
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        try:
-            evs = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                         if e.name() == "[memory]")
-        except AttributeError:
-            return peak_memory(fn)
-        live = top = 0
-        for _, nbytes in evs:
-            live += nbytes
-            top = max(top, live)
-        return top
+    peak = peak_memory
 
     topo = BodyModel().topology()
     V0, J, B = topo["num_vertices"][0], topo["joint_regressor"][0].shape[0], 2
