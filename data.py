@@ -17,8 +17,9 @@ metro/datasets/human_mesh_tsv.py, metro/utils/tsv_file.py and tsv_file_ops.py):
   offset of each row), `X.linelist.tsv` (rows to use) and a yaml index naming them.  Composite
   yaml (`composite: true`): img/label/hw are lists of TSVs (or a file listing them) and the
   linelist rows are "source_index \\t row_index".
-- Sample dict (contract): img (3,H,W) ImageNet-normalised; joints2d (24,3) in [-1,1] crop
-  coords + conf; joints3d (24,4) metres, pelvis (J24[14]) centred, + conf; pose (72,); betas (10,);
+- Sample dict (contract): img (3,H,W) ImageNet-normalised; joints2d (24,3) normalised crop
+  coords (one length L = min(H,W) for both axes; [-1,1] at H == W) + conf; joints3d (24,4) metres,
+  pelvis (J24[14]) centred, + conf; pose (72,); betas (10,);
   has_smpl/has_3d/has_2d; gender (0 neutral, 1 male, 2 female); index; imgname; center; scale;
   rot (deg); flip.
 
@@ -36,7 +37,10 @@ Departures from METRO / SPIN and why
   when the crop is that much smaller (speed; no visible difference after the bilinear warp).
 - Non-square outputs (ViT models' 256x192): the square box (side scale*200) is EXPANDED to the
   output aspect ratio, so the person box fits inside the crop and pixels stay square (HMR 2.0's
-  choice); 2D joints are normalised per axis: x/W, y/H.
+  choice); 2D joints are normalised by ONE length L = min(H, W) on both axes (u = (2x - W)/L,
+  v = (2y - H)/L; `normalise_pixels`), so the person box is [-1, 1]^2 at every size and one
+  isotropic weak-perspective scale fits the labels (METRO's x/W - y/H only agree at H == W; there
+  they are identical).
 - Random numbers come from numpy Generator((seed, epoch, index)) per sample, so a sample's
   augmentation does not depend on workers or order (resumable, DistributedSampler friendly).
   The DataLoader must be re-created per epoch after `dataset.set_epoch(epoch)` (or use the
@@ -254,6 +258,28 @@ def crop_matrix(center, box_side, rot, out_size, flip=False):
     return A
 
 
+def normalise_pixels(xy, size):
+    """(..., 2) crop pixels (x, y) -> normalised crop coordinates, one length for both axes:
+    u = 2x/L - W/L, v = 2y/L - H/L with L = min(H, W); size (H, W). At H == W this is exactly the
+    METRO/FastMETRO 2x/W - 1 (same floating-point result). Inverse: `pixels_from_normalised`."""
+    H, W = size
+    L = min(H, W)
+    xy = np.array(xy, dtype=np.float64)
+    xy[..., 0] = 2 * xy[..., 0] / L - W / L
+    xy[..., 1] = 2 * xy[..., 1] / L - H / L
+    return xy
+
+
+def pixels_from_normalised(uv, size):
+    """(..., 2) normalised crop coordinates -> crop pixels (x, y); size (H, W). See `normalise_pixels`."""
+    H, W = size
+    L = min(H, W)
+    uv = np.array(uv, dtype=np.float64)
+    uv[..., 0] = (uv[..., 0] * L + W) / 2
+    uv[..., 1] = (uv[..., 1] * L + H) / 2
+    return uv
+
+
 def transform_points(pts, A):
     """pts (N,2) -> (N,2) through the 3x3 affine A."""
     return pts @ A[:2, :2].T + A[:2, 2]
@@ -466,13 +492,11 @@ class HMRDataset(torch.utils.data.Dataset):
         x = np.minimum(crop.astype(np.float32) * (np.asarray(pn, dtype=np.float32) / 255.0), 1.0)  # (H,W,3)
         x = (x - self._mean) / self._std
         x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (H,W,3) -> (3,H,W)
-        # 2D joints: original pixels -> crop pixels -> [-1, 1]; the flip is in A, the left/right
+        # 2D joints: original pixels -> crop pixels -> normalised (box = [-1, 1]^2); the flip is in A, the left/right
         # swap is a permutation.
         j2d = np.zeros((24, 3))
         if rec["has_2d"]:
-            j2d[:, :2] = transform_points(rec["part"][:, :2], A)
-            j2d[:, 0] = 2 * j2d[:, 0] / W - 1
-            j2d[:, 1] = 2 * j2d[:, 1] / H - 1
+            j2d[:, :2] = normalise_pixels(transform_points(rec["part"][:, :2], A), (H, W))
             j2d[:, 2] = rec["part"][:, 2]
             if flip:
                 j2d = j2d[J24_FLIP_PERM]

@@ -10,8 +10,8 @@ box); the crop is the box's square enlarged by --box-scale (1.2, as the METRO fa
 
 The overlay PNG shows the model's input crop and, beside it, the predicted mesh drawn over it: the
 weak-perspective camera (s, tx, ty) becomes a perspective translation for a focal length of
---focal pixels (at a crop width of 224), which reproduces the weak projection up to perspective
-effects. The .npz holds every per-image output of the model (vertices, joints, camera, and SMPL
+--focal pixels (at a crop side min(H, W) of 224), which reproduces the weak projection up to
+perspective effects. The .npz holds every per-image output of the model (vertices, joints, camera, and SMPL
 parameters for models that predict them) plus that translation, the focal length and the crop.
 """
 import argparse
@@ -47,10 +47,11 @@ def square_box(box, scale=1.0):
 def crop(image, cx, cy, side, out_hw):
     """Crop the square (cx, cy, side) of a PIL image (zero padding outside), resize to out_hw (H, W).
 
-    Non-square model inputs (H != W) take a box of the same aspect ratio, side = its height.
+    Non-square model inputs (H != W) take a box of the same aspect ratio whose SHORTER side is
+    `side`, as data.crop_matrix does in training (the box side maps to min(H, W) pixels).
     """
     h, w = out_hw
-    box_w, box_h = side * w / h, side
+    box_w, box_h = side * w / min(h, w), side * h / min(h, w)
     x0, y0 = cx - box_w / 2, cy - box_h / 2
     patch = image.transform((w, h), Image.AFFINE, (box_w / w, 0, x0, 0, box_h / h, y0),
                             resample=Image.BILINEAR)
@@ -124,7 +125,7 @@ def main(argv=None):
             verts = pred["vertices"][0].float().cpu()                         # (V, 3) metres
             cam = pred["cam"][0].float().cpu()                                # (3,) s, tx, ty
             # Weak perspective on the crop -> a perspective translation for the renderer.
-            focal = args.focal * in_w / 224
+            focal = args.focal * min(in_h, in_w) / 224
             transl = render.weak_perspective_to_camera(cam[None], (in_h, in_w), focal)[0]
             drawn = render.overlay(patch, verts, faces, focal, translation=transl)
             side_by_side = np.concatenate([np.asarray(patch), drawn], axis=1)   # (H, 2W, 3)

@@ -45,7 +45,8 @@ What this file implements
 
 Shapes: B batch, J joints (14, LSP order), V0/V1/V2 vertices at mesh levels 0/1/2 (6890/1723/431
 for SMPL; taken from the topology, never hard-coded), C channels. Units: metres; camera
-(s, tx, ty) weak perspective, x2d = s * (X[..., :2] + t) in [-1, 1] crop coordinates.
+(s, tx, ty) weak perspective, x2d = s * (X[..., :2] + t) in normalised crop
+coordinates (data.normalise_pixels: one length min(H, W) for both axes; [-1, 1] at 224x224).
 
 Parameter count as in the paper (Table 1: S 9.2M, M 17.1M, L 24.9M "transformer"): everything
 except the backbone and the 0.744M learnable upsampling layer, i.e. conv_1x1 + both transformers +

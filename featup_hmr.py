@@ -82,8 +82,11 @@ Departures from the paper / official code (and why)
   with weights_only=True); otherwise use `mean_params_from_dataset` + `set_mean_params`. The
   built-in default is the rest pose with global orientation pi about x (upright in the camera,
   y down), betas 0, camera (0.9, 0, 0).
-- Camera: weak perspective (s, tx, ty) with x2d = s * (X[:2] + t) in [-1, 1] crop coordinates
-  (repository contract), not HMR 2.0's perspective camera with focal length 5000.
+- Camera: weak perspective (s, tx, ty) with x2d = s * (X[:2] + t) in normalised crop coordinates
+  (repository contract, data.normalise_pixels: one length min(H, W) for both axes, so one
+  isotropic s is right at 256x192; the person box is [-1, 1]^2), not HMR 2.0's perspective camera
+  with focal length 5000. The reference points are learned (not projected), so they need no
+  conversion.
 - FeatUp JBU: the adaptive 7x7 filter is a loop of 49 shifted multiply-adds in plain PyTorch
   (FeatUp uses a custom CUDA op, AdaptiveConv); sub-modules are a ModuleList `stages` instead of
   up1..up4. The attention downsampler's patch dropout (logits x Bernoulli(0.8)) is applied in
@@ -963,7 +966,7 @@ class FeatUpHMR(nn.Module):
         Returns dict:
             "vertices" (B, V, 3) metres, body-model frame (not centred);
             "joints" (B, 14, 3) LSP joints from the mesh (H36M regressor), metres;
-            "cam" (B, 3) weak perspective (s, tx, ty); "joints2d" (B, 14, 2) in [-1, 1];
+            "cam" (B, 3) weak perspective (s, tx, ty); "joints2d" (B, 14, 2) normalised crop coords;
             "pose_rotmat" (B, 24, 3, 3); "pose_6d" (B, 24, 6); "betas" (B, 10);
             "joints_smpl" (B, 24, 3) kinematic joints; "reference_points" (B, 26, 2) in [0, 1].
         """
@@ -989,7 +992,7 @@ class FeatUpHMR(nn.Module):
     def loss(self, out, targets):
         """MSE losses (report 3.4): 1 * SMPL params + 5 * (2D + 3D joints) + 60 * vertices.
 
-        targets: "joints3d" (B,14,4) metres+conf, "joints2d" (B,14,3) [-1,1]+conf, "vertices"
+        targets: "joints3d" (B,14,4) metres+conf, "joints2d" (B,14,3) normalised+conf, "vertices"
         (B,V,3) metres, "has_smpl" (B,), "has_3d" (B,), "pose" (B,72) axis-angle, "betas" (B,10).
         3D joints are centred at the LSP hip midpoint, vertices at the H36M pelvis (regressor
         joint 0). Returns (total loss, logs dict of floats).

@@ -22,8 +22,10 @@ What it does
 
 Conventions: continuous pixel coordinates, pixel (row i, column j) covers [j, j+1) x [i, i+1)
 and is sampled at its centre (j + 0.5, i + 0.5); a principal point at (W/2, H/2) is the image
-centre.  2D keypoints in data.py use the same convention, so x_norm = 2 x / W - 1 is exactly
-`grid_sample(align_corners=False)`'s convention.
+centre.  2D keypoints in data.py use the same convention; their normalised coordinates use one
+length L = min(H, W) for both axes (u = (2 x - W) / L, v = (2 y - H) / L), so at H == W
+u = 2 x / W - 1 is exactly `grid_sample(align_corners=False)`'s convention, and for H != W the
+grid_sample coordinates are (u L / W, v L / H).
 
 Departures / choices (no reference implementation to follow)
 - Triangles with any vertex closer than `znear` are dropped, not clipped (the bodies we draw
@@ -262,13 +264,15 @@ def render(vertices, faces, focal, center, size, colors=None, translation=None,
 
 
 def weak_perspective_to_camera(cam, size, focal=5000.0):
-    """Translation (B,3) for which a perspective camera (focal px, centre at the crop centre)
-    matches the weak-perspective projection x_norm = s * (X[..., :2] + t) on a crop (H,W):
-    x_pix = f X / Z + W/2 and x_norm = 2 x_pix / W - 1 give Z = 2 f / (W s).
-    cam (B,3) (s, tx, ty); size (H,W). (Exact in x; in y too when H == W.)"""
+    """Translation (B,3) for which a perspective camera (focal px, principal point at the crop
+    centre (W/2, H/2)) matches the weak-perspective projection (u, v) = s * (X[..., :2] + t) on a
+    crop (H,W) in the repository's normalised coordinates (one length L = min(H,W) for both axes,
+    u = (2 x_pix - W) / L, v = (2 y_pix - H) / L; data.normalise_pixels):
+    x_pix = f X / Z + W/2 gives Z = 2 f / (L s), exact in x and in y for every H, W.
+    cam (B,3) (s, tx, ty); size (H,W)."""
     H, W = size
     s, tx, ty = cam[:, 0], cam[:, 1], cam[:, 2]
-    tz = 2.0 * focal / (W * s.clamp(min=1e-9))
+    tz = 2.0 * focal / (min(H, W) * s.clamp(min=1e-9))
     return torch.stack([tx, ty, tz], dim=1)
 
 

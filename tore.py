@@ -52,7 +52,9 @@ Departures from the paper / official code
   `nsr_enc_layers=1` to load such a checkpoint.
 - The official ITP loss uses a python double loop for min-max normalisation and
   `mask[b, x, y] = 1` followed by a transpose; here vectorised (same result: cell index
-  row = floor((y + 1) / 2 * h), col = floor((x + 1) / 2 * w), valid if inside the grid).
+  row = floor((y + 1) / 2 * h), col = floor((x + 1) / 2 * w), valid if inside the grid). For
+  non-square inputs the normalised coordinates (one length min(H, W), data.normalise_pixels) are
+  first rescaled to the grid's extent (x * L / W, y * L / H); at 224x224 this is the official map.
 - The ITP loss is a plain sum over samples, clusters and cells (official code; it grows with the
   batch size), not normalised as the paper's formula; the official 1e-3 weight goes with the sum. `targets["epoch"]` must be the fractional epoch (iteration / iterations per epoch) for
   the sigmoid schedule to match; an integer epoch gives a step-wise schedule.
@@ -300,7 +302,8 @@ class TORE(nn.Module):
         if "clusters" in out:
             h, w = self.cfg.feature_hw()
             w_itp = itp_loss_weight(float(targets.get("epoch", 0.0)), cfg.itp_loss_weight, cfg.itp_loss_epoch_offset)
-            l_itp = itp_loss(out["clusters"], fm.weak_perspective_project(gt_v0, cam), has_smpl, h, w)
+            l_itp = itp_loss(out["clusters"], fm.weak_perspective_project(gt_v0, cam), has_smpl, h, w,
+                             cfg.input_size)
             loss = loss + w_itp * l_itp
             logs["loss_itp"], logs["itp_weight"] = l_itp.item(), w_itp
         if cfg.edge_normal_loss:
@@ -317,19 +320,24 @@ def itp_loss_weight(epoch, base=1e-3, offset=3.0):
     return base * float(torch.sigmoid(torch.tensor(epoch - offset)))
 
 
-def itp_mask(points_2d, h, w):
-    """points_2d (B, N, 2) in [-1, 1] (x right, y down) -> (B, h*w) float, 1 where a cell of the
-    h x w grid (row-major) contains at least one point."""
-    x = (points_2d[..., 0] + 1) * 0.5 * w
-    y = (points_2d[..., 1] + 1) * 0.5 * h
+def itp_mask(points_2d, h, w, input_size=None):
+    """points_2d (B, N, 2) normalised crop coordinates (x right, y down; one length L = min(H, W)
+    for both axes, data.normalise_pixels) -> (B, h*w) float, 1 where a cell of the h x w grid
+    (row-major) contains at least one point. input_size (H, W) of the crop; None = square
+    (the grid then spans [-1, 1] on both axes, as the official 224x224 code)."""
+    H, W = input_size if input_size is not None else (1, 1)
+    L = min(H, W)
+    x = (points_2d[..., 0] * (L / W) + 1) * 0.5 * w                           # (B, N) grid columns
+    y = (points_2d[..., 1] * (L / H) + 1) * 0.5 * h                           # (B, N) grid rows
     valid = (x >= 0) & (x < w) & (y >= 0) & (y < h)                           # (B, N)
     idx = (y.clamp(0, h - 1).long() * w + x.clamp(0, w - 1).long())           # (B, N) cell index
     mask = torch.zeros(points_2d.shape[0], h * w, device=points_2d.device)
     return mask.scatter_reduce(1, idx, valid.float(), reduce="amax")
 
 
-def itp_loss(clusters, points_2d, has_smpl, h, w):
-    """clusters (B, M, h*w); points_2d (B, N, 2) GT vertices projected with the predicted camera.
+def itp_loss(clusters, points_2d, has_smpl, h, w, input_size=None):
+    """clusters (B, M, h*w); points_2d (B, N, 2) GT vertices projected with the predicted camera
+    (normalised crop coordinates of a crop of input_size (H, W); None = square).
     Sum over has_smpl samples, clusters and cells of minmax(clusters) * (1 - mask)."""
     sel = has_smpl > 0.5
     if not bool(sel.any()):
@@ -337,7 +345,7 @@ def itp_loss(clusters, points_2d, has_smpl, h, w):
     c = clusters[sel]
     lo, hi = c.min(-1, keepdim=True).values, c.max(-1, keepdim=True).values
     c = (c - lo) / (hi - lo + 1e-12)                                          # min-max per cluster
-    mask = itp_mask(points_2d[sel].detach(), h, w)[:, None]                   # (b, 1, h*w)
+    mask = itp_mask(points_2d[sel].detach(), h, w, input_size)[:, None]                   # (b, 1, h*w)
     return (c * (1 - mask)).sum()
 
 

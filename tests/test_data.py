@@ -208,7 +208,7 @@ def test_augmented_joints_stay_on_their_image_dots(tmp_path, input_size):
             img = s["img"] * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
             lum = img.mean(0)
             for x, y, c in s["joints2d"][:6].tolist():
-                u, v = (x + 1) / 2 * W, (y + 1) / 2 * H
+                u, v = data.pixels_from_normalised([x, y], (H, W))
                 if c > 0 and 1 <= u < W - 1 and 1 <= v < H - 1:
                     assert lum[int(v), int(u)] > 0.3, (epoch, i, u, v)
     assert seen_rot and seen_flip
