@@ -5,6 +5,10 @@ Papers:
   https://arxiv.org/abs/1512.03385
 - HRNet: Wang et al., "Deep High-Resolution Representation Learning for Visual Recognition",
   TPAMI 2020. https://arxiv.org/abs/1908.07919
+- Pose HRNet: Sun et al., "Deep High-Resolution Representation Learning for Human Pose
+  Estimation", CVPR 2019. https://arxiv.org/abs/1902.09212
+- HRFormer: Yuan et al., "HRFormer: High-Resolution Transformer for Dense Prediction", NeurIPS
+  2021. https://arxiv.org/abs/2110.09408
 - ViTPose: Xu et al., "ViTPose: Simple Vision Transformer Baselines for Human Pose Estimation",
   NeurIPS 2022. https://arxiv.org/abs/2204.12484 (the backbone HMR 2.0 uses, Goel et al. 2023)
 - EfficientNet: Tan & Le, "EfficientNet: Rethinking Model Scaling for Convolutional Neural
@@ -17,7 +21,14 @@ What this file implements
   transition1..3, stage2..4 of HighResolutionModules with `branches`/`fuse_layers`, then the
   classification head `incre_modules`, `downsamp_modules`, `final_layer`, optional
   `classifier`). forward -> the classification path's 2048x7x7 map at 224 (what
-  METRO/FastMETRO feed their transformer); forward_features -> the 4 branch outputs.
+  METRO/FastMETRO feed their transformer); forward_features -> the 4 branch outputs (without
+  running the head). `classification_head=False` does not build the head.
+- Pose-estimation HRNet-W32/W48 (`hrnet_w32_pose`, `hrnet_w48_pose`) in the deep-high-resolution-
+  net layout (same names; last stage-4 module fuses into the top branch only); MMPose checkpoints
+  (`backbone.` prefix, `keypoint_head.` / `head.`) load too; the pose head is dropped and reported.
+- HRFormer-S/-B (`hrformer_s`, `hrformer_b`) in the official HRFormer pose-code layout
+  (`attn.attn.{q,k,v,out}_proj`, `relative_position_bias_table/index`, `mlp.{fc1,norm1,dw3x3,
+  norm2,fc2,norm3}`); MMPose's layout (`qkv`, `proj`, `ffn`) is renamed exactly on load.
 - ViT-B/L/H in the ViTPose / HMR 2.0 layout (`patch_embed.proj`, `pos_embed` with a class-token
   slot, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `last_norm`), 256x192
   input -> 16x12 tokens, with intermediate layer maps (`out_indices`, 1-based), drop path and
@@ -25,7 +36,8 @@ What this file implements
 - EfficientNet-B0 in the `efficientnet_pytorch` (lukemelas) layout (`_conv_stem`, `_bn0`,
   `_blocks.N.*`, `_conv_head`, `_bn1`, optional `_fc`) with TensorFlow "same" padding and swish.
   forward -> 1280x7x7 at 224.
-- Tiny CPU configs for tests and the CPU quickstart: resnet_tiny, hrnet_tiny, vit_tiny.
+- Tiny CPU configs for tests and the CPU quickstart: resnet_tiny, hrnet_tiny, hrnet_tiny_pose,
+  hrformer_tiny, vit_tiny.
 - `build_backbone(name, pretrained=None, **kw)` and `load_pretrained(model, path)`.
 
 Every backbone has `forward(x) -> (B, out_channels, H/s, W/s)` (s = 32 for CNNs, 16 for ViT),
@@ -42,7 +54,11 @@ Parameter counts (measured with `python backbones.py`; "published" in brackets):
   Classification README and the "H64 128.1M" in FastMETRO's table: FastMETRO builds the
   backbone with `get_cls_net` whose module keeps `classifier` although its forward stops at
   `final_layer`. Without the classifier (what actually runs): 126,010,944. W32 with classifier
-  41.2M, W48 77.5M (both as in the HRNet README).
+  41.2M, W48 77.5M (both as in the HRNet README). Without the classification head (only the 4
+  maps used, DeFormer): W48 65,325,120 instead of 75,420,864 (the head is 10.1M).
+- hrnet_w32_pose 28,535,552, hrnet_w48_pose 63,594,912 (+ the 17-joint 1x1 head: 28.5M / 63.6M
+  in the deep-high-resolution-net README).
+- hrformer_s 7,746,218 (paper 7.8M), hrformer_b 43,210,434 (paper 43.2M).
 - vit_b 85.8M (ViT-B, "86M"), vit_l 303.3M, vit_h 630.9M ("632M" class; ViTPose-H).
 - efficientnet_b0 without `_fc` 4,007,548 (4.0M); with `_fc` 5,288,548 (5.3M).
 
@@ -70,6 +86,17 @@ Departures from the papers / official code (and why)
 - EfficientNet pads "same" from the actual input size (efficientnet_pytorch's dynamic variant)
   rather than precomputing it for 224 (its static variant): identical at 224, valid at others.
   Swish is x * sigmoid(x) (the memory-efficient custom autograd version is a speed detail).
+- Pose HRNet / HRFormer multi-scale maps: the pose nets' last stage-4 module fuses into the
+  stride-4 branch only (that is what their checkpoints hold), so the 4 maps are that fused map
+  plus the last module's UNFUSED branch outputs at strides 8/16/32 (all pose-trained weights;
+  building fuse rows 1-3 would leave them untrained). Our reading: the papers use one map.
+- HRFormer: the official POSE code builds the relative position bias table but never adds it
+  (commented out); its classification and segmentation code, the paper and MMPose add it. Default
+  `relative_position_bias=True`; False reproduces the official pose code (table kept as a buffer
+  so its keys load and DDP sees no unused parameter). Fuse upsampling interpolates bilinearly
+  straight to the target size (official: Upsample(2^k) then resize; identical when sizes
+  divide). Window attention uses `F.scaled_dot_product_attention` (same maths).
+- AggPose (DeFormer's other backbone row) is not implemented.
 - Tiny configs are ours (no published counterpart); they exist for fast CPU tests.
 """
 import math
@@ -270,6 +297,8 @@ class HighResolutionModule(nn.Module):
     j > i: `.0` 1x1 conv, `.1` BN (then nearest upsampling, no parameters);
     j < i: (i-j) stride-2 3x3 conv steps `.k.0` conv, `.k.1` BN (ReLU after all but the last);
     the intermediate steps keep branch j's channels, the last one maps to branch i's.
+    multi_scale_output=False (last module of the pose nets' stage 4): only row 0 is built; forward
+    then returns the fused branch 0 followed by the UNFUSED outputs of branches 1.. (see HRNet).
     """
 
     def __init__(self, block, num_blocks, in_channels, channels, multi_scale_output=True):
@@ -323,20 +352,31 @@ class HighResolutionModule(nn.Module):
                     t = row[j](x)
                 y = t if y is None else y + t
             out.append(self.relu(y))
-        return out
+        return out + xs[len(out):]  # unfused branches where no fuse row was built
 
 
 class HRNet(_Backbone):
     """HRNetV2 classification network. width C: branch channels C, 2C, 4C, 8C.
 
     forward: classification-head path (incre_modules -> downsamp_modules -> final_layer),
-    (B, final_channels, H/32, W/32). forward_features: the 4 stage-4 branch outputs.
+    (B, final_channels, H/32, W/32); without the head (`classification_head=False`) the stride-32
+    branch map. forward_features: the 4 stage-4 branch outputs (never runs the head).
+
+    multi_scale_output=False builds the last stage-4 module as the pose nets do (fuse row 0 only,
+    deep-high-resolution-net `multi_scale_output=False`, MMPose `multiscale_output=False`), so their
+    checkpoints load strictly; the 4 maps are then the fused stride-4 map (what the pose head
+    reads) and the last module's unfused branch outputs at strides 8, 16, 32 (all pose-trained).
     """
     classifier_prefixes = ("classifier.",)
+    # heads that load_pretrained drops (and reports) when the model does not build them: the
+    # ImageNet classification head, and the pose heads of deep-high-resolution-net
+    # (`final_layer` = Conv2d(C, joints, 1), no `.0.`) and MMPose (`keypoint_head.`, `head.`)
+    head_prefixes = ("incre_modules.", "downsamp_modules.", "final_layer.", "keypoint_head.", "head.")
 
     def __init__(self, width=32, stem_channels=64, stage1_planes=64, stage1_blocks=4,
                  num_modules=(1, 4, 3), num_blocks=4, head_channels=(32, 64, 128, 256),
-                 final_channels=2048, with_classifier=False, num_classes=1000):
+                 final_channels=2048, with_classifier=False, num_classes=1000,
+                 classification_head=True, multi_scale_output=True):
         super().__init__()
         self.conv1 = nn.Conv2d(3, stem_channels, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_channels)
@@ -349,25 +389,32 @@ class HRNet(_Backbone):
             cur = [width * 2 ** i for i in range(s + 2)]
             setattr(self, f"transition{s + 1}", self._make_transition(pre, cur))
             modules = []
-            for _ in range(num_modules[s]):
-                modules.append(HighResolutionModule(BasicBlock, [num_blocks] * len(cur), cur, cur))
+            for m in range(num_modules[s]):
+                multi = multi_scale_output or s < 2 or m < num_modules[s] - 1
+                modules.append(HighResolutionModule(BasicBlock, [num_blocks] * len(cur), cur, cur,
+                                                    multi_scale_output=multi))
             setattr(self, f"stage{s + 2}", nn.Sequential(*modules))
             pre = cur
-        # classification head: Bottleneck per branch to 32/64/128/256 *4 channels, then
-        # stride-2 3x3 convs (with bias) summing down to the lowest resolution, then 1x1 to 2048.
-        self.incre_modules = nn.ModuleList(
-            _make_layer(Bottleneck, pre[i], head_channels[i], 1) for i in range(4))
-        hc = [h * Bottleneck.expansion for h in head_channels]
-        self.downsamp_modules = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(hc[i], hc[i + 1], 3, 2, 1), nn.BatchNorm2d(hc[i + 1]),
-                          nn.ReLU(inplace=True)) for i in range(3))
-        self.final_layer = nn.Sequential(nn.Conv2d(hc[3], final_channels, 1, 1, 0),
-                                         nn.BatchNorm2d(final_channels), nn.ReLU(inplace=True))
-        if with_classifier:
-            self.classifier = nn.Linear(final_channels, num_classes)  # unused in forward
         self.feature_channels = list(pre)
         self.feature_strides = [4, 8, 16, 32]
-        self.out_channels = final_channels
+        self.out_channels = pre[-1]
+        if with_classifier and not classification_head:
+            raise ValueError("backbones.py HRNet: with_classifier=True needs classification_head=True")
+        self.classification_head = classification_head
+        if classification_head:
+            # Bottleneck per branch to 32/64/128/256 *4 channels, then stride-2 3x3 convs (with
+            # bias) summing down to the lowest resolution, then 1x1 to 2048.
+            self.incre_modules = nn.ModuleList(
+                _make_layer(Bottleneck, pre[i], head_channels[i], 1) for i in range(4))
+            hc = [h * Bottleneck.expansion for h in head_channels]
+            self.downsamp_modules = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(hc[i], hc[i + 1], 3, 2, 1), nn.BatchNorm2d(hc[i + 1]),
+                              nn.ReLU(inplace=True)) for i in range(3))
+            self.final_layer = nn.Sequential(nn.Conv2d(hc[3], final_channels, 1, 1, 0),
+                                             nn.BatchNorm2d(final_channels), nn.ReLU(inplace=True))
+            self.out_channels = final_channels
+        if with_classifier:
+            self.classifier = nn.Linear(final_channels, num_classes)  # unused in forward
         _init_conv_bn(self)
 
     @staticmethod
@@ -396,10 +443,9 @@ class HRNet(_Backbone):
             out.append(src if t is None else t(src))
         return out
 
-    def forward_with_features(self, x):
-        """x: (B, 3, H, W) ImageNet-normalised (224x224 in METRO/FastMETRO).
-        Returns (out, feats): out (B, final_channels, H/32, W/32) (2048x7x7 at 224);
-        feats = 4 branch maps (B, C*2^i, H/4/2^i, W/4/2^i), i = 0..3 (strides 4, 8, 16, 32)."""
+    def forward_features(self, x):
+        """x: (B, 3, H, W) ImageNet-normalised -> the 4 stage-4 branch maps
+        (B, C*2^i, H/4/2^i, W/4/2^i), i = 0..3 (strides 4, 8, 16, 32); the head is not run."""
         _check_image(x, "HRNet")
         x = self.relu(self.bn1(self.conv1(x)))  # (B, 64, H/2, W/2)
         x = self.relu(self.bn2(self.conv2(x)))  # (B, 64, H/4, W/4)
@@ -407,12 +453,284 @@ class HRNet(_Backbone):
         for s in range(3):
             ys = self._apply_transition(getattr(self, f"transition{s + 1}"), ys)
             ys = getattr(self, f"stage{s + 2}")(ys)
-        feats = ys
+        return ys
+
+    def forward_with_features(self, x):
+        """x: (B, 3, H, W) ImageNet-normalised (224x224 in METRO/FastMETRO).
+        Returns (out, feats): out (B, final_channels, H/32, W/32) (2048x7x7 at 224), or without
+        the classification head the stride-32 map feats[-1]; feats = forward_features(x)."""
+        feats = ys = self.forward_features(x)
+        if not self.classification_head:
+            return feats[-1], feats
         y = self.incre_modules[0](ys[0])        # (B, 128, H/4, W/4)
         for i, down in enumerate(self.downsamp_modules):
             y = self.incre_modules[i + 1](ys[i + 1]) + down(y)  # (B, 128*2^(i+1), H/2^(i+3), ..)
         out = self.final_layer(y)               # (B, 1024, H/32, W/32) -> (B, 2048, H/32, W/32)
         return out, feats
+
+
+# ---------------------------------------------------------------------------------------------
+# HRFormer (official HRFormer pose code layout; MMPose's layout is renamed on load)
+# ---------------------------------------------------------------------------------------------
+
+class WindowMultiheadAttention(nn.Module):
+    """Multi-head self-attention inside one window of ws x ws tokens, with a relative position
+    bias table as Swin. Keys as the official HRFormer (`q_proj`, `k_proj`, `v_proj`, `out_proj`,
+    `relative_position_bias_table` ((2ws-1)^2, heads), buffer `relative_position_index` (ws^2, ws^2)).
+    relative_position_bias=False reproduces the official POSE code, which builds the table but never
+    adds it (it is then a buffer, so it gets no gradient and DDP needs no find_unused_parameters)."""
+
+    def __init__(self, dim, num_heads, window_size=7, relative_position_bias=True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"backbones.py HRFormer: width {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.window_size = num_heads, window_size
+        self.relative_position_bias = relative_position_bias
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        table = torch.zeros((2 * window_size - 1) ** 2, num_heads)
+        nn.init.trunc_normal_(table, std=0.02)
+        if relative_position_bias:
+            self.relative_position_bias_table = nn.Parameter(table)
+        else:
+            self.register_buffer("relative_position_bias_table", table)
+        self.register_buffer("relative_position_index", self.position_index(window_size))
+
+    @staticmethod
+    def position_index(ws):
+        """(ws^2, ws^2) long: (dy + ws - 1) * (2 ws - 1) + (dx + ws - 1) for token pairs (i, j) of a
+        window in row-major order, (dy, dx) = position of i minus position of j."""
+        yx = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)  # (2, ws^2)
+        d = yx[:, :, None] - yx[:, None, :] + ws - 1                                # (2, ws^2, ws^2)
+        return d[0] * (2 * ws - 1) + d[1]
+
+    def forward(self, x):
+        """x: (Bw, N, C) tokens of Bw windows, N = ws^2 -> (Bw, N, C)."""
+        Bw, N, C = x.shape
+        h = self.num_heads
+        q, k, v = (p(x).view(Bw, N, h, C // h).transpose(1, 2)             # (Bw, N, C) -> (Bw, h, N, C/h)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        bias = None
+        if self.relative_position_bias:
+            bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, h)
+            bias = bias.view(N, N, h).permute(2, 0, 1)[None].to(q.dtype)    # (N*N, h) -> (1, h, N, N)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)      # (Bw, h, N, C/h)
+        return self.out_proj(out.transpose(1, 2).reshape(Bw, N, C))        # (Bw, h, N, C/h) -> (Bw, N, C)
+
+
+class LocalWindowSelfAttention(nn.Module):
+    """Non-overlapping ws x ws windows (the map is zero-padded symmetrically to a multiple of ws,
+    padded tokens take part unmasked, as the official code); key `attn` = WindowMultiheadAttention."""
+
+    def __init__(self, dim, num_heads, window_size=7, relative_position_bias=True):
+        super().__init__()
+        self.window_size = window_size
+        self.attn = WindowMultiheadAttention(dim, num_heads, window_size, relative_position_bias)
+
+    def forward(self, x, H, W):
+        """x: (B, H*W, C) -> (B, H*W, C)."""
+        B, N, C = x.shape
+        ws = self.window_size
+        ph, pw = -H % ws, -W % ws
+        x = F.pad(x.view(B, H, W, C), (0, 0, pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))  # (B, Hp, Wp, C)
+        Hp, Wp = H + ph, W + pw
+        x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5)  # (B, nh, nw, ws, ws, C)
+        out = self.attn(x.reshape(-1, ws * ws, C))                                 # (B*nh*nw, ws*ws, C)
+        out = out.view(B, Hp // ws, Wp // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+        return out[:, ph // 2:ph // 2 + H, pw // 2:pw // 2 + W].reshape(B, N, C)
+
+
+class ConvFFN(nn.Module):
+    """HRFormer's FFN with a 3x3 depthwise conv (official `MlpDWBN`, MMPose `CrossFFN`):
+    1x1 conv -> BN -> GELU -> depthwise 3x3 -> BN -> GELU -> 1x1 conv -> BN -> GELU."""
+
+    def __init__(self, dim, hidden, out_dim):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1)
+        self.norm1 = nn.BatchNorm2d(hidden)
+        self.dw3x3 = nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden)
+        self.norm2 = nn.BatchNorm2d(hidden)
+        self.fc2 = nn.Conv2d(hidden, out_dim, 1)
+        self.norm3 = nn.BatchNorm2d(out_dim)
+        self.act = nn.GELU()
+
+    def forward(self, x, H, W):
+        """x: (B, H*W, C) -> (B, H*W, out_dim)."""
+        B, N, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, H, W)                           # (B, N, C) -> (B, C, H, W)
+        x = self.act(self.norm1(self.fc1(x)))
+        x = self.act(self.norm2(self.dw3x3(x)))
+        x = self.act(self.norm3(self.fc2(x)))
+        return x.flatten(2).transpose(1, 2)                                  # (B, C', H, W) -> (B, N, C')
+
+
+class HRFormerBlock(nn.Module):
+    """x + DropPath(LSA(LN(x))), then x + DropPath(FFN(LN(x))); LayerNorm eps 1e-6. Keys `norm1`,
+    `attn.attn.*`, `norm2`, `mlp.*` (official; MMPose: `ffn.*`, fused `qkv` / `proj`)."""
+
+    def __init__(self, dim, num_heads, window_size=7, mlp_ratio=4.0, drop_path=0.0,
+                 relative_position_bias=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = LocalWindowSelfAttention(dim, num_heads, window_size, relative_position_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        B, C, H, W = x.shape
+        t = x.flatten(2).transpose(1, 2)                                     # (B, C, H, W) -> (B, H*W, C)
+        t = t + self.drop_path(self.attn(self.norm1(t), H, W))
+        t = t + self.drop_path(self.mlp(self.norm2(t), H, W))
+        return t.transpose(1, 2).reshape(B, C, H, W)                         # (B, H*W, C) -> (B, C, H, W)
+
+
+class HRFormerModule(nn.Module):
+    """Parallel branches of HRFormer blocks, then all-to-all fusion as HRNet's module except:
+    j > i: 1x1 conv + BN (`.0`, `.1`), then BILINEAR upsampling (align_corners=False);
+    j < i: per stride-2 step a depthwise 3x3 conv + BN + 1x1 conv + BN (`.k.0`..`.k.3`), ReLU after
+    all but the last step. multi_scale_output=False: fuse row 0 only; forward then returns the
+    fused branch 0 followed by the unfused branches 1.. (as HighResolutionModule)."""
+
+    def __init__(self, channels, num_blocks, num_heads, window_size, mlp_ratio, drop_paths,
+                 relative_position_bias=True, multi_scale_output=True):
+        super().__init__()
+        nb = len(channels)
+        self.branches = nn.ModuleList(
+            nn.Sequential(*(HRFormerBlock(channels[i], num_heads[i], window_size, mlp_ratio, drop_paths[k],
+                                          relative_position_bias) for k in range(num_blocks)))
+            for i in range(nb))
+        c = channels
+        self.fuse_layers = None
+        if nb > 1:
+            fuse = []
+            for i in range(nb if multi_scale_output else 1):
+                row = []
+                for j in range(nb):
+                    if j > i:
+                        row.append(nn.Sequential(nn.Conv2d(c[j], c[i], 1, bias=False), nn.BatchNorm2d(c[i])))
+                    elif j == i:
+                        row.append(None)
+                    else:
+                        steps = []
+                        for k in range(i - j):
+                            last = k == i - j - 1
+                            cout = c[i] if last else c[j]
+                            step = [nn.Conv2d(c[j], c[j], 3, 2, 1, groups=c[j], bias=False), nn.BatchNorm2d(c[j]),
+                                    nn.Conv2d(c[j], cout, 1, bias=False), nn.BatchNorm2d(cout)]
+                            if not last:
+                                step.append(nn.ReLU(inplace=False))
+                            steps.append(nn.Sequential(*step))
+                        row.append(nn.Sequential(*steps))
+                fuse.append(nn.ModuleList(row))
+            self.fuse_layers = nn.ModuleList(fuse)
+        self.relu = nn.ReLU(inplace=False)
+
+    def forward(self, xs):
+        """xs: list of maps (B, C_i, H_i, W_i), H_i = H_0 / 2^i -> list of the same shapes."""
+        xs = [branch(x) for branch, x in zip(self.branches, xs)]
+        if self.fuse_layers is None:
+            return xs
+        out = []
+        for i, row in enumerate(self.fuse_layers):
+            size = xs[i].shape[-2:]
+            y = None
+            for j, x in enumerate(xs):
+                if j == i:
+                    t = x
+                elif j > i:  # official: Upsample(2^(j-i), bilinear) then resize to the exact size
+                    t = F.interpolate(row[j](x), size=size, mode="bilinear", align_corners=False)
+                else:
+                    t = row[j](x)
+                y = t if y is None else y + t
+            out.append(self.relu(y))
+        return out + xs[len(out):]
+
+
+class HRFormer(_Backbone):
+    """HRFormer (Yuan et al., NeurIPS 2021): HRNet's multi-resolution design with local-window
+    self-attention blocks. Stem (conv1/bn1/conv2/bn2, stride 4), `layer1` = 2 Bottlenecks
+    (64 -> 256), `transition1..3` as HRNet, `stage2..4` of HRFormerModules. Returns the 4 branch
+    maps (strides 4..32); forward = the stride-32 map. multi_scale_output=False (the official and
+    MMPose pose configs) builds the last stage-4 module with fuse row 0 only (see HRNet)."""
+    head_prefixes = ("keypoint_head.", "head.")
+
+    def __init__(self, channels=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), num_modules=(1, 4, 2),
+                 num_blocks=2, mlp_ratio=4.0, window_size=7, stem_channels=64, stage1_planes=64,
+                 stage1_blocks=2, drop_path_rate=0.1, relative_position_bias=True,
+                 multi_scale_output=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, stem_channels, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_channels)
+        self.conv2 = nn.Conv2d(stem_channels, stem_channels, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(stem_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = _make_layer(Bottleneck, stem_channels, stage1_planes, stage1_blocks)
+        # stochastic depth: linear 0 -> rate over all blocks of stages 2-4 (counted per branch)
+        dpr = torch.linspace(0, drop_path_rate, num_blocks * sum(num_modules), device="cpu").tolist()
+        pre, n = [stage1_planes * Bottleneck.expansion], 0
+        for s in range(3):
+            cur = list(channels[:s + 2])
+            setattr(self, f"transition{s + 1}", HRNet._make_transition(pre, cur))
+            modules = []
+            for m in range(num_modules[s]):
+                multi = multi_scale_output or s < 2 or m < num_modules[s] - 1
+                modules.append(HRFormerModule(cur, num_blocks, num_heads[:s + 2], window_size, mlp_ratio,
+                                              dpr[n:n + num_blocks], relative_position_bias, multi))
+                n += num_blocks
+            setattr(self, f"stage{s + 2}", nn.Sequential(*modules))
+            pre = cur
+        self.feature_channels = list(channels)
+        self.feature_strides = [4, 8, 16, 32]
+        self.out_channels = channels[-1]
+        # official init_weights (no checkpoint): convs N(0, 0.001), norms weight 1 bias 0
+        for mod in self.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.normal_(mod.weight, std=0.001)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.BatchNorm2d):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+
+    def forward_with_features(self, x):
+        """x: (B, 3, H, W) ImageNet-normalised (256x192 or 384x288 in the pose configs).
+        Returns (out, feats): feats = 4 maps (B, channels[i], H/4/2^i, W/4/2^i); out = feats[-1]."""
+        _check_image(x, "HRFormer")
+        x = self.relu(self.bn1(self.conv1(x)))  # (B, 64, H/2, W/2)
+        x = self.relu(self.bn2(self.conv2(x)))  # (B, 64, H/4, W/4)
+        ys = [self.layer1(x)]                   # [(B, 256, H/4, W/4)]
+        for s in range(3):
+            ys = HRNet._apply_transition(getattr(self, f"transition{s + 1}"), ys)
+            ys = getattr(self, f"stage{s + 2}")(ys)
+        return ys[-1], ys
+
+    # MMPose's HRFormer names the attention `qkv` (q, k, v stacked) / `proj` and the FFN `ffn`.
+    def remap_keys(self, sd: dict) -> dict:
+        """Rename an MMPose-layout HRFormer state dict to the official layout (exact: q/k/v are the
+        three row blocks of `qkv`); an official-layout dict is returned unchanged."""
+        if not any(".attn.attn.qkv." in k for k in sd):
+            return sd
+        out = {}
+        for k, v in sd.items():
+            k2 = k.replace(".ffn.", ".mlp.").replace(".attn.attn.proj.", ".attn.attn.out_proj.")
+            if ".attn.attn.qkv." in k2:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3, dim=0)):
+                    out[k2.replace(".qkv.", f".{name}.")] = part.clone()
+            else:
+                out[k2] = v
+        return out
+
+    def adapt_state_dict(self, sd: dict) -> dict:
+        """Check the stored relative-position indices (deterministic buffers) against ours."""
+        for k, v in self.state_dict().items():
+            if k.endswith("relative_position_index") and k in sd and not torch.equal(sd[k].long(), v):
+                raise ValueError(f"backbones.py HRFormer: checkpoint {k} differs from the window "
+                                 f"index this model computes (window size {self.stage2[0].branches[0][0].attn.window_size})")
+        return sd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,6 +1028,12 @@ BACKBONES = {
     "hrnet_w32": (HRNet, dict(width=32)),
     "hrnet_w48": (HRNet, dict(width=48)),
     "hrnet_w64": (HRNet, dict(width=64)),
+    # pose-estimation HRNets (deep-high-resolution-net / MMPose COCO, MPII): no classification head
+    "hrnet_w32_pose": (HRNet, dict(width=32, classification_head=False, multi_scale_output=False)),
+    "hrnet_w48_pose": (HRNet, dict(width=48, classification_head=False, multi_scale_output=False)),
+    # HRFormer-S / -B as the official (and MMPose) COCO pose configs
+    "hrformer_s": (HRFormer, dict(channels=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), drop_path_rate=0.1)),
+    "hrformer_b": (HRFormer, dict(channels=(78, 156, 312, 624), num_heads=(2, 4, 8, 16), drop_path_rate=0.2)),
     "vit_b": (ViT, dict(embed_dim=768, depth=12, num_heads=12, out_indices=(6, 12), drop_path_rate=0.3)),
     "vit_l": (ViT, dict(embed_dim=1024, depth=24, num_heads=16, out_indices=(12, 24), drop_path_rate=0.5)),
     "vit_h": (ViT, dict(embed_dim=1280, depth=32, num_heads=16, out_indices=(16, 32), drop_path_rate=0.55)),
@@ -718,11 +1042,16 @@ BACKBONES = {
     "resnet_tiny": (ResNet, dict(block=BasicBlock, layers=(1, 1, 1, 1), widths=(16, 32, 64, 128),
                                  stem_width=16)),
     "hrnet_tiny": (HRNet, _HRNET_TINY),
+    "hrnet_tiny_pose": (HRNet, dict(_HRNET_TINY, classification_head=False, multi_scale_output=False)),
+    "hrformer_tiny": (HRFormer, dict(channels=(8, 16, 32, 64), num_heads=(1, 1, 2, 2), num_modules=(1, 1, 1),
+                                     num_blocks=1, mlp_ratio=2.0, window_size=3, stem_channels=16,
+                                     stage1_planes=8, stage1_blocks=1, drop_path_rate=0.0)),
     "vit_tiny": (ViT, dict(embed_dim=64, depth=4, num_heads=4, out_indices=(2, 4))),
 }
 
 # input size (H, W) each backbone is used at
-INPUT_SIZE = {name: ((256, 192) if name.startswith("vit") else (224, 224)) for name in BACKBONES}
+INPUT_SIZE = {name: ((256, 192) if name.startswith(("vit", "hrformer")) or name.endswith("_pose")
+                     else (224, 224)) for name in BACKBONES}
 
 
 def build_backbone(name: str, pretrained=None, **kw) -> nn.Module:
@@ -785,7 +1114,7 @@ def _match_prefixes(sd, model_keys, remap=lambda d: d):
     return sd, dropped
 
 
-def load_pretrained(model: nn.Module, path, strict: bool = True) -> dict:
+def load_pretrained(model: nn.Module, path, strict: bool = True, verbose: bool = True) -> dict:
     """Load an official checkpoint file into a backbone of this file.
 
     Accepts plain state dicts or ones wrapped in 'state_dict' / 'model' (Lightning, mmcv,
@@ -796,6 +1125,10 @@ def load_pretrained(model: nn.Module, path, strict: bool = True) -> dict:
     the model's token grid, then loads strictly. Raises ValueError naming the file and listing
     missing keys, unexpected keys and shape mismatches. Missing BatchNorm `num_batches_tracked`
     buffers (checkpoints from PyTorch < 0.4.1) are allowed.
+
+    Pose-estimation HRNet / HRFormer checkpoints (deep-high-resolution-net, HRFormer, MMPose with
+    `backbone.` + `keypoint_head.` / `head.`) load into the `*_pose` / `hrformer_*` backbones; their
+    head keys are dropped. With verbose, a message lists every dropped key.
 
     Returns {'ignored': [dropped checkpoint keys], 'loaded': number of tensors loaded}.
     """
@@ -811,7 +1144,7 @@ def load_pretrained(model: nn.Module, path, strict: bool = True) -> dict:
     sd = _extract_state_dict(obj, path)
     own = model.state_dict()
     sd, ignored = _match_prefixes(sd, set(own), getattr(model, "remap_keys", lambda d: d))
-    for p in getattr(model, "classifier_prefixes", ()):
+    for p in getattr(model, "classifier_prefixes", ()) + getattr(model, "head_prefixes", ()):
         if not any(k.startswith(p) for k in own):
             ignored += [k for k in sd if k.startswith(p)]
             sd = {k: v for k, v in sd.items() if not k.startswith(p)}
@@ -833,6 +1166,12 @@ def load_pretrained(model: nn.Module, path, strict: bool = True) -> dict:
                          + fmt("missing keys", missing) + fmt("unexpected keys", unexpected)
                          + fmt("shape mismatches", mismatched))
     model.load_state_dict(sd, strict=strict)
+    if ignored and verbose:
+        name = getattr(model, "name", type(model).__name__)
+        more = f" ... and {len(ignored) - 12} more" if len(ignored) > 12 else ""
+        print(f"backbones.py load_pretrained: {path}: loaded {len(sd)} tensors into {name}; ignored "
+              f"{len(ignored)} checkpoint keys of heads it does not build: "
+              + ", ".join(ignored[:12]) + more, flush=True)
     return {"ignored": ignored, "loaded": len(sd)}
 
 
@@ -850,15 +1189,19 @@ if __name__ == "__main__":
             out, feats = m.forward_with_features(x)
         n = count_parameters(m)
         extra = ""
-        if name.startswith(("resnet", "hrnet", "efficientnet")) and not name.endswith("tiny"):
+        if name.startswith(("resnet", "hrnet", "efficientnet")) and not name.endswith(("tiny", "_pose")):
             with torch.device("meta"):
                 n_cls = count_parameters(build_backbone(name, with_classifier=True))
             extra = f" ({n_cls / 1e6:.1f}M = {n_cls:,} with ImageNet classifier)"
+            if name.startswith("hrnet"):
+                with torch.device("meta"):
+                    n_maps = count_parameters(build_backbone(name, classification_head=False))
+                extra += f"; {n_maps / 1e6:.2f}M = {n_maps:,} without the classification head"
         print(f"{name:16s} {n / 1e6:8.2f}M = {n:,} params{extra}")
         print(f"{'':16s} input {tuple(x.shape)} -> forward {tuple(out.shape)}; features "
               + ", ".join(f"{tuple(f.shape[1:])}@/{s}" for f, s in zip(feats, m.feature_strides)))
     torch.manual_seed(0)
-    for name in ("resnet_tiny", "hrnet_tiny", "vit_tiny", "resnet18"):
+    for name in ("resnet_tiny", "hrnet_tiny", "hrnet_tiny_pose", "hrformer_tiny", "vit_tiny", "resnet18"):
         m = build_backbone(name).eval()
         with torch.no_grad():
             y = m(torch.randn(1, 3, *INPUT_SIZE[name]))
