@@ -9,10 +9,13 @@ What this file implements
   (`chumpy.ch.Ch` ...) become numpy arrays through a tiny stand-in class, scipy.sparse matrices are
   rebuilt from their stored arrays, numpy arrays are allowed; every other global is refused with an
   error naming the file and the global (a pickle that would run `os.system` raises, never runs).
-  Keys and shapes are validated (errors name the file, the key and the expected shape).
+  Keys, shapes and finiteness are validated (errors name the file, the key and what was expected).
+  Nothing in this project hands a pickle to smplx (its loader unpickles without limits): smplx
+  gets the arrays as a `data_struct`.
 - `toy_body_path()`: a procedural body written in SMPL's own pickle format (same keys and dtypes),
   loadable by `smplx.SMPL(model_path=...)`. Deterministic, generated in well under 5 s, cached in
-  `$HMR_CACHE` or `~/.cache/hmr`, written atomically. Design (SMPL rest frame: metres, y up,
+  `$HMR_CACHE` or `~/.cache/hmr`, written atomically; a cached file that fails the restricted
+  load or the validation is rebuilt. Design (SMPL rest frame: metres, y up,
   T-pose, facing +z, subject's left at +x, pelvis joint at the origin):
     * SMPL's 24-joint kinematic tree with adult proportions (about 1.72 m tall).
     * 15 closed surfaces, one per body part: torso, neck, head (with a nose), and for each side
@@ -262,6 +265,15 @@ def validate_smpl_arrays(data, path="<arrays>"):
     f = np.asarray(data["f"])
     if f.size and (f.min() < 0 or f.max() >= V):
         raise ValueError(f"{path}: key 'f' indexes vertices outside [0, {V})")
+    for k in ("v_template", "shapedirs", "posedirs", "J_regressor", "weights"):
+        x = data[k].data if sp.issparse(data[k]) else np.asarray(data[k])
+        try:
+            bad = int(x.size - np.isfinite(x).sum())
+        except TypeError:
+            raise ValueError(f"{path}: key '{k}' is not numeric (dtype {x.dtype})") from None
+        if bad:
+            raise ValueError(f"{path}: key '{k}' has {bad} non-finite (NaN/inf) entries: the model "
+                             "file is damaged")
     return data
 
 
@@ -656,11 +668,21 @@ def cache_dir_default():
     return Path(os.environ.get("HMR_CACHE") or Path.home() / ".cache" / "hmr")
 
 
-def toy_body_path(cache_dir=None):
-    """Path of the cached toy body pickle (generated on first use, atomically)."""
+def toy_body_path(cache_dir=None, verify=True):
+    """Path of the cached toy body pickle (generated on first use, atomically). verify: read
+    the cached pair through the restricted unpickler first and rebuild it if it is unreadable,
+    refused (a poisoned file) or invalid (e.g. NaN): it is a derived file."""
     path = Path(cache_dir or cache_dir_default()) / TOY_FILE_NAME
     if not (path.is_file() and h36m_sidecar(path).is_file()):
         write_toy_body(path)
+    elif verify:
+        try:
+            v = load_smpl_pickle(path)["v_template"].shape[0]
+            load_h36m_regressor(h36m_sidecar(path), v)
+        except (ValueError, pickle.UnpicklingError) as e:
+            import warnings
+            warnings.warn(f"cached toy body is unusable, rebuilding it: {e}", stacklevel=2)
+            write_toy_body(path)
     return path
 
 
@@ -957,13 +979,18 @@ def _main():
     except ImportError as e:
         print(f"mesh.py not available ({e}); hierarchy skipped")
     import smplx
+    from smplx.utils import Struct
+    # smplx gets the arrays (data_struct), never the file: it would unpickle it without limits.
+    arrays = load_smpl_pickle(path)
+    struct = Struct(**{k: (v.toarray() if sp.issparse(v) else np.asarray(v))
+                       for k, v in arrays.items() if k in SMPL_KEYS})
     with contextlib.redirect_stdout(io.StringIO()):
-        ref = smplx.SMPL(model_path=str(path))
+        ref = smplx.SMPL(model_path=str(path), data_struct=struct)
     out = ref(betas=torch.zeros(1, 10), body_pose=torch.zeros(1, 69),
               global_orient=torch.zeros(1, 3))
     bm = BodyModel(path)
     mine = bm(torch.zeros(1, 10), torch.zeros(1, 72))
-    print(f"smplx.SMPL(model_path=...) loads it: vertices {tuple(out.vertices.shape)}, joints "
+    print(f"smplx.SMPL(data_struct=<restricted load>) runs it: vertices {tuple(out.vertices.shape)}, joints "
           f"{tuple(out.joints.shape)}; max |smplx - BodyModel| = "
           f"{(out.vertices - mine['vertices']).abs().max().item():.2e} m")
 

@@ -4,6 +4,7 @@ a weighted mixed-dataset sampler, and a synthetic dataset generator (toy body or
     python data.py synth --out data/synth --n 2000 --split train --seed 0 --size 224
     python data.py synth --out data/synth --n 500 --split test --seed 1 --body SMPL_NEUTRAL.pkl
     python data.py to-tsv --npz data/synth/test.npz --out data/synth_tsv --name test
+    python data.py          # smoke test: 8 samples in a temp folder, both loaders
 
 Formats (facts.md "Data formats"; METRO layout read in microsoft/MeshTransformer
 metro/datasets/human_mesh_tsv.py, metro/utils/tsv_file.py and tsv_file_ops.py):
@@ -185,7 +186,12 @@ class TsvFile:
             raise FileNotFoundError(f"TSV file not found: {self.path}")
         idx = self.path.with_suffix(".lineidx")
         if idx.is_file():
-            self.offsets = [int(x) for x in idx.read_text().split()]
+            try:
+                self.offsets = [int(x) for x in idx.read_text().split()]
+            except ValueError:
+                raise DataError(idx, "-", "lineidx", "not a list of byte offsets: delete it (the index "
+                                "is then rebuilt in memory) or regenerate it") from None
+            self._check_index(idx)
         else:
             self.offsets, pos = [], 0
             with open(self.path, "rb") as f:
@@ -193,6 +199,30 @@ class TsvFile:
                     self.offsets.append(pos)
                     pos += len(line)
         self._fp, self._pid = None, None
+
+    def _check_index(self, idx):
+        """A stale `.lineidx` (the TSV was rewritten) gives wrong rows or none; check that the
+        offsets increase, start rows (the bytes before the first, middle and last offsets are
+        newlines) and that the last row ends at the end of the file."""
+        off, size = self.offsets, self.path.stat().st_size
+        stale = (f"does not match {self.path.name} ({len(off)} offsets, file {size} bytes): stale "
+                 "(the TSV was rewritten?). Delete it (the index is then rebuilt in memory) or "
+                 "regenerate it")
+        if not off:
+            if size:
+                raise DataError(idx, "-", "lineidx", "is empty but " + stale)
+            return
+        if off[0] != 0 or any(b <= a for a, b in zip(off, off[1:])) or off[-1] >= size:
+            raise DataError(idx, "-", "lineidx", stale)
+        with open(self.path, "rb") as f:
+            for o in {off[len(off) // 2], off[-1]} - {0}:
+                f.seek(o - 1)
+                if f.read(1) != b"\n":
+                    raise DataError(idx, "-", "lineidx", stale)
+            f.seek(off[-1])
+            f.readline()
+            if f.tell() != size:
+                raise DataError(idx, "-", "lineidx", stale)
 
     def __len__(self):
         return len(self.offsets)
@@ -376,8 +406,39 @@ def rotate_joints3d(j, rot):
 
 
 # ----------------------------------------------------------------------------- datasets
+# Plausible label ranges (anything outside is a broken label, not a person): 3D joints in
+# camera-frame metres, 2D joints and box centres in original-image pixels, the box scale in
+# units of 200 px, SMPL pose in radians (axis-angle), SMPL shape coefficients.
+LABEL_BOUNDS = {"S": 1000.0, "3d_joints": 1000.0, "part": 1e6, "2d_joints": 1e6, "center": 1e6,
+                "pose": 100.0, "shape": 100.0, "betas": 100.0}
+SCALE_MAX = 1e4      # box side = scale * 200 px <= 2e6 px
+
+
+def label_range_problem(key, a):
+    """None if the (finite) label array `a` of `key` is within its plausible range, else what
+    is wrong. `scale` must be positive: it is the box side / 200 px (0 divides by zero, a
+    negative one rotates the crop by 180 degrees)."""
+    if key == "scale":
+        v = float(np.min(a)) if np.size(a) else 1.0
+        if not v > 0:
+            return f"box scale must be > 0 (box side / 200 px), got {v:g}"
+        if float(np.max(a)) > SCALE_MAX:
+            return f"box scale {float(np.max(a)):g} is above the plausible {SCALE_MAX:g}"
+        return None
+    bound = LABEL_BOUNDS.get(key)
+    if bound is None:
+        return None
+    vals = a[..., :3] if key in ("S", "3d_joints") else a[..., :2] if key in ("part", "2d_joints") else a
+    m = float(np.abs(vals).max()) if np.size(vals) else 0.0
+    if m > bound:
+        unit = {"S": "m", "3d_joints": "m", "part": "px", "2d_joints": "px", "center": "px",
+                "pose": "rad"}.get(key, "")
+        return f"value {m:g} {unit} is outside the plausible range +-{bound:g} {unit}".replace("  ", " ")
+    return None
+
+
 def _check(file, index, key, value, shape):
-    """Finite, right-shaped float array or DataError."""
+    """Finite, right-shaped float array within its plausible range (LABEL_BOUNDS) or DataError."""
     try:
         a = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -388,6 +449,9 @@ def _check(file, index, key, value, shape):
         raise DataError(file, index, key, f"expected shape {tuple(shape)}, got {a.shape}")
     if not np.isfinite(a).all():
         raise DataError(file, index, key, "contains NaN or inf")
+    problem = label_range_problem(key, a)
+    if problem:
+        raise DataError(file, index, key, problem)
     return a
 
 
@@ -428,10 +492,15 @@ class HMRDataset(torch.utils.data.Dataset):
         """{'count': n, 'samples': {raw index: reason}} (skipped in this process)."""
         return {"count": len(self.bad), "samples": dict(self.bad)}
 
+    MAX_BAD_WARNINGS = 5  # per dataset and process; train.py prints the totals
+
     def _mark_bad(self, raw, err):
         if raw not in self.bad:
             self.bad[raw] = str(err)
-            warnings.warn(f"skipping bad sample: {err}", stacklevel=3)
+            if len(self.bad) <= self.MAX_BAD_WARNINGS:
+                more = (" (further bad samples are counted without a warning each)"
+                        if len(self.bad) == self.MAX_BAD_WARNINGS else "")
+                warnings.warn(f"skipping bad sample: {err}{more}", stacklevel=3)
 
     def check_images(self):
         """Decode every image once; with skip_bad, drop the unreadable ones.  Returns the
@@ -465,7 +534,9 @@ class HMRDataset(torch.utils.data.Dataset):
         for attempt in range(len(self.indices)):
             raw = int(self.indices[(i + attempt) % len(self.indices)])
             try:
-                return self._sample(raw)
+                sample = self._sample(raw)
+                sample["num_skipped"] = torch.tensor(attempt, dtype=torch.int64)  # bad ones passed over
+                return sample
             except DataError as e:
                 if not self.skip_bad:
                     raise
@@ -533,6 +604,29 @@ NPZ_SHAPES = {"center": (2,), "scale": (), "part": (24, 3), "S": (24, 4), "pose"
               "has_smpl": ()}
 
 
+def read_npz(npz_path):
+    """All arrays of an npz (no pickles) or a DataError saying what the file is instead."""
+    import zipfile
+    path = Path(npz_path)
+    if not path.is_file():
+        raise DataError(npz_path, "-", "-", "file not found" + (
+            "; make the synthetic set with `python data.py synth --out DIR --n N --split train` "
+            "(or run train.py without --train to use the embedded default)" if path.suffix == ".npz" else ""))
+    if path.stat().st_size == 0:
+        raise DataError(npz_path, "-", "-", "the file is empty (0 bytes; an interrupted write?)")
+    if not zipfile.is_zipfile(path):
+        raise DataError(npz_path, "-", "-", "not an npz file (an npz is a zip archive of .npy arrays; "
+                        "this one is not a zip: truncated or another format)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        raise DataError(npz_path, "-", "-", f"cannot read npz without pickle ({e}); "
+                        "store strings as unicode arrays") from None
+    except Exception as e:  # zipfile.BadZipFile, EOFError, OSError: damaged archive
+        raise DataError(npz_path, "-", "-", f"damaged npz archive ({type(e).__name__}: {e})") from None
+
+
 class NpzDataset(HMRDataset):
     """SPIN-style npz (see the file header) with images under `img_root` (default: the npz's
     folder).  All annotation arrays are validated up front (keys, lengths, shapes, NaN)."""
@@ -540,18 +634,13 @@ class NpzDataset(HMRDataset):
     def __init__(self, npz_path, img_root=None, **kw):
         self.source = str(npz_path)
         self.img_root = Path(img_root) if img_root is not None else Path(npz_path).parent
-        try:
-            with np.load(npz_path, allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise DataError(npz_path, "-", "-", "file not found") from None
-        except ValueError as e:
-            raise DataError(npz_path, "-", "-", f"cannot read npz without pickle ({e}); "
-                            "store strings as unicode arrays") from None
+        d = read_npz(npz_path)
         for k in NPZ_REQUIRED:
             if k not in d:
                 raise DataError(npz_path, "-", k, f"missing required key (found keys: {sorted(d)})")
         n = len(d["imgname"])
+        if n == 0:
+            raise DataError(npz_path, "-", "imgname", "the dataset has no samples (len(imgname) = 0)")
         for k, v in d.items():
             if v.ndim == 0 or len(v) != n:
                 raise DataError(npz_path, "-", k, f"length {v.shape[0] if v.ndim else 'scalar'} differs "
@@ -568,6 +657,10 @@ class NpzDataset(HMRDataset):
             finite = np.isfinite(d[k].reshape(n, -1)).all(1)
             for idx in np.nonzero(~finite)[0]:
                 bad.setdefault(int(idx), DataError(npz_path, int(idx), k, "contains NaN or inf"))
+            for idx in np.nonzero(finite)[0] if k in LABEL_BOUNDS or k == "scale" else ():
+                problem = label_range_problem(k, d[k][idx])
+                if problem:
+                    bad.setdefault(int(idx), DataError(npz_path, int(idx), k, problem))
         self.d, self.n = d, n
         self.has_part, self.has_S = "part" in d, "S" in d
         self.has_pose = "pose" in d and "shape" in d
@@ -581,6 +674,12 @@ class NpzDataset(HMRDataset):
 
     def _raw_len(self):
         return self.n
+
+    def supervision(self):
+        """Which labels this dataset provides (printed by train.py at start)."""
+        has_conf3d = self.has_S and bool((self.d["S"][:, :, 3] > 0).any())
+        return {"2D joints": self.has_part, "3D joints": has_conf3d,
+                "SMPL": self.has_pose and ("has_smpl" not in self.d or bool((self.d["has_smpl"] > 0).any()))}
 
     def _image_path(self, raw):
         return self.img_root / str(self.d["imgname"][raw])
@@ -653,12 +752,31 @@ class TsvDataset(HMRDataset):
                 self.rows = [(int(r[0]), int(r[1])) for r in rows]
             else:
                 self.rows = [(0, int(r[0])) for r in rows]
+            for n, (src, row) in enumerate(self.rows):
+                if not (0 <= src < len(self.label_tsvs) and 0 <= row < len(self.label_tsvs[src])):
+                    raise DataError(p, n, "linelist", f"row {row} of source {src} does not exist "
+                                    f"({len(self.label_tsvs)} source(s); rows per source "
+                                    f"{[len(t) for t in self.label_tsvs]}): stale linelist or .lineidx")
         else:
             self.rows = [(s, r) for s, t in enumerate(self.label_tsvs) for r in range(len(t))]
         super().__init__(**kw)
 
     def _raw_len(self):
         return len(self.rows)
+
+    def supervision(self, rows=16):
+        """Per-row flags (has_2d_joints, has_3d_joints, has_smpl) of the first `rows` rows."""
+        seen = {"2D joints": 0, "3D joints": 0, "SMPL": 0}
+        n = 0
+        for raw in range(min(rows, len(self.rows))):
+            try:
+                rec = self._record(raw)
+            except DataError:
+                continue
+            n += 1
+            for k, flag in (("2D joints", rec["has_2d"]), ("3D joints", rec["has_3d"]), ("SMPL", rec["has_smpl"])):
+                seen[k] += int(bool(flag))
+        return {k: (f"in {v} of the first {n} rows" if v else False) for k, v in seen.items()}
 
     def _image(self, raw):
         s, r = self.rows[raw]
@@ -1128,18 +1246,39 @@ def _generate(out_dir, n, split, seed, size, body_path, h36m_regressor_path, bat
     pool.shutdown()
     arr = {k: np.concatenate(v).astype(np.float32 if k != "scale" else np.float64) for k, v in acc.items()}
     npz = out / f"{split}.npz"
-    np.savez(npz, imgname=np.array(names), center=arr["center"], scale=arr["scale"], part=arr["part"],
+    tmp = out / f".{split}.npz.tmp{os.getpid()}.npz"   # atomic: a killed run leaves no partial npz
+    np.savez(tmp, imgname=np.array(names), center=arr["center"], scale=arr["scale"], part=arr["part"],
              S=arr["S"], pose=arr["pose"], shape=arr["shape"], has_smpl=np.ones(n, dtype=np.float32),
              gender=np.array(["n"] * n))
+    os.replace(tmp, npz)
     if verbose:
         print(f"wrote {npz} ({n} images, {n / (time.perf_counter() - t0):.1f} images/s)")
     return npz
 
 
 # ----------------------------------------------------------------------------- CLI
+def smoke_test():
+    """`python data.py` with no command: render 8 synthetic samples (96 px) into a fresh temp
+    folder, load them with augmentation, convert to METRO TSV and check both loaders agree."""
+    import tempfile
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hmr_data_smoke_") as tmp:
+        npz = generate_synthetic(tmp, 8, split="train", seed=0, size=96, verbose=False)
+        t_gen = time.perf_counter() - t0
+        ds = NpzDataset(npz, train=True, input_size=(96, 96))
+        batch = collate([ds[i] for i in range(4)])
+        print(f"synthetic: 8 samples rendered in {t_gen:.1f} s; supervision {ds.supervision()}")
+        print("batch:", {k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)})
+        yaml_path = write_metro_tsv(npz, Path(tmp) / "tsv", "train")
+        a, b = NpzDataset(npz, input_size=(96, 96)), TsvDataset(yaml_path, input_size=(96, 96))
+        diff = max(float((a[i]["joints3d"] - b[i]["joints3d"]).abs().max()) for i in range(len(a)))
+        print(f"npz vs METRO TSV of the same 8 samples: max 3D-joint difference {diff:.2e} m")
+    print(f"done in {time.perf_counter() - t0:.1f} s (temp folder removed)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd")
     s = sub.add_parser("synth", help="render a synthetic dataset (JPEGs + SPIN npz)")
     s.add_argument("--out", required=True)
     s.add_argument("--n", type=int, required=True)
@@ -1156,7 +1295,9 @@ def main(argv=None):
     t.add_argument("--name", default=None)
     t.add_argument("--img-root", default=None)
     a = p.parse_args(argv)
-    if a.cmd == "synth":
+    if a.cmd is None:
+        smoke_test()
+    elif a.cmd == "synth":
         generate_synthetic(a.out, a.n, a.split, a.seed, a.size, a.body, a.h36m_regressor, a.batch_size,
                            threads=a.threads)
     else:

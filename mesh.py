@@ -41,8 +41,8 @@ Departures from the paper / official code (COMA `mesh_sampling.py`, GraphCMR)
 - Kept vertices get an exact one-hot U row (index [k, k, k], weights [1, 0, 0]), so
   D @ U = I exactly (COMA's projection gives this only up to floating point).
 - GraphCMR's file is read through a restricted unpickler (numpy arrays and scipy sparse matrices
-  only; anything else is refused) instead of `np.load(allow_pickle=True)`, so a malicious file
-  cannot run code; pass `trusted=True` to use plain `np.load(..., encoding="latin1")`.
+  only; anything else is refused) instead of numpy's unrestricted pickle loading, so a malicious file
+  cannot run code (there is no unrestricted path: nothing in this project unpickles freely).
 - Level indices run fine to coarse (level 0 = full mesh), as in GraphCMR.
 """
 from __future__ import annotations
@@ -720,7 +720,7 @@ def _read_npz_restricted(path: Path, keys) -> dict:
                     arr = np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
             except pickle.UnpicklingError as exc:
                 raise ValueError(f"{path}: key {key!r}: {exc} (only numpy arrays and scipy sparse "
-                                 "matrices are accepted; pass trusted=True to unpickle freely)") from exc
+                                 "matrices are accepted)") from exc
             except Exception as exc:  # noqa: BLE001
                 raise ValueError(f"{path}: key {key!r} could not be read ({exc})") from exc
             out[key] = arr
@@ -738,23 +738,18 @@ def _as_list(value, path, key):
                      f"got {type(value).__name__} {getattr(value, 'shape', '')}")
 
 
-def load_graphcmr(path, vertices=None, trusted: bool = False) -> MeshHierarchy:
+def load_graphcmr(path, vertices=None) -> MeshHierarchy:
     """Read GraphCMR's `mesh_downsampling.npz` (U, D, F per level; A and M are not needed).
 
     path: the npz file. vertices: (V0, 3) level-0 positions (the body template); coarse
     positions are vertices[down_index] (COMA's D selects vertices). Without `vertices` the
     positions are unknown and filled with NaN (topology and sampling maps are still valid).
-    trusted: use np.load(allow_pickle=True, encoding="latin1") instead of the restricted reader.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GraphCMR mesh file not found: {path} (expected "
                                 "mesh_downsampling.npz with keys A, U, D, F)")
-    if trusted:
-        with np.load(path, allow_pickle=True, encoding="latin1") as z:
-            raw = {k: z[k] for k in ("U", "D", "F") if k in z.files}
-    else:
-        raw = _read_npz_restricted(path, ("U", "D", "F"))
+    raw = _read_npz_restricted(path, ("U", "D", "F"))
     for key in ("U", "D", "F"):
         if key not in raw:
             raise ValueError(f"{path}: missing key {key!r} (GraphCMR layout: A, U, D, F "

@@ -303,7 +303,7 @@ def overlay(image, vertices, faces, focal, center=None, translation=None, color=
 
 
 if __name__ == "__main__":
-    # Smoke test: a batch of spheres, timing, and an overlay written to /tmp.
+    # Smoke test: a batch of spheres, timing, and an overlay written to a fresh temp file.
     import time
     torch.set_num_threads(1)  # see data.generate_synthetic: OpenMP threads spin on a busy CPU
     from mesh import icosphere
@@ -322,5 +322,9 @@ if __name__ == "__main__":
           f"({v.shape[0]} verts, {f.shape[0]} faces)")
     img = overlay(np.full((H, W, 3), 90, np.uint8), verts[0], f, 300.0)
     from PIL import Image
-    Image.fromarray(img).save("/tmp/render_smoke.png")
-    print("wrote /tmp/render_smoke.png")
+    import os
+    import tempfile
+    fd, png = tempfile.mkstemp(prefix="render_smoke_", suffix=".png")  # never a fixed shared path
+    with os.fdopen(fd, "wb") as fh:
+        Image.fromarray(img).save(fh, format="PNG")
+    print(f"wrote {png}")

