@@ -91,9 +91,11 @@ def parse_overrides(items):
 DEFAULT_DATA = Path(__file__).resolve().parent / "data" / "synth"   # the embedded default (no --train)
 
 
-def ensure_default_data(sizes="3000,300", is_main=True, world=1, root=None):
+def ensure_default_data(sizes="3000,300", is_main=True, root=None, wait_minutes=240.0):
     """The embedded default dataset: `root`/train.npz and test.npz (synthetic, toy body), made
-    on rank 0 if missing (once; later runs reuse them) while the other ranks wait.
+    on rank 0 if missing (once; later runs reuse them) while the other ranks wait for both files
+    (written atomically). Called before the process group exists, so making the data is not
+    bound by --dist-timeout; a multi-node run needs a shared filesystem (or prepared data).
     sizes: "N_TRAIN,N_TEST". Returns (train npz, test npz) as strings."""
     root = Path(root or DEFAULT_DATA)
     try:
@@ -106,8 +108,13 @@ def ensure_default_data(sizes="3000,300", is_main=True, world=1, root=None):
                 print(f"no --train given: making the default synthetic {split} set ({n} images) in "
                       f"{root} (once; later runs reuse it)", flush=True)
                 data_lib.generate_synthetic(root, n, split=split, seed=seed)
-    if world > 1:
-        dist.barrier()                      # the other ranks wait for rank 0's data
+    else:
+        t0 = time.time()
+        while not ((root / "train.npz").is_file() and (root / "test.npz").is_file()):
+            if time.time() - t0 > wait_minutes * 60:   # torchrun ends us sooner if rank 0 fails
+                raise TimeoutError(f"waited {wait_minutes} min for rank 0 to make {root}/train.npz and "
+                                   "test.npz; pass --train (prepared data) instead")
+            time.sleep(1.0)
     return str(root / "train.npz"), str(root / "test.npz")
 
 
@@ -460,8 +467,8 @@ DIST_TIMEOUT_MINUTES = 15.0
 def setup_distributed(device_arg, timeout_minutes=DIST_TIMEOUT_MINUTES):
     """(rank, world, device); joins the process group under torchrun. `timeout_minutes`: how
     long a collective waits for a stalled rank before it fails with an error (torch's default is
-    30 minutes of silence); it must exceed the longest rank-0-only pause (evaluation, making
-    the default dataset)."""
+    30 minutes of silence); it must exceed the longest rank-0-only pause (evaluation with
+    --eval-every)."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -580,22 +587,26 @@ def train(args, status=None):
     command line can tell setup errors (the same on every rank) from per-rank ones."""
     status = status if status is not None else {}
     status["stage"] = "setup"
+    if args.train is None:
+        args.train, default_val = ensure_default_data(args.synth_n, _rank() == 0)
+        args.val = args.val or default_val
     rank, world, device = setup_distributed(args.device, args.dist_timeout)
     is_main = rank == 0
     out = Path(args.out)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
-    if args.train is None:
-        args.train, default_val = ensure_default_data(args.synth_n, is_main, world)
-        args.val = args.val or default_val
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
 
+    if world > 1 and not is_main:
+        dist.barrier()          # rank 0 fills the on-disk caches (toy body, mesh hierarchy) first
     body_model = build_body(args.body, args.h36m_regressor).to(device)
     model, cfg = build_model(args.model, args.preset, body_model, args.pretrained_backbone,
                              parse_overrides(args.set), device)
+    if world > 1 and is_main:
+        dist.barrier()
     defaults = dict(model_module(args.model).TRAIN_DEFAULTS)
     batch_size = args.batch_size or defaults.get("batch_size", 16)
     lr = args.lr if args.lr is not None else defaults["lr"]

@@ -322,6 +322,9 @@ def test_no_train_uses_the_embedded_default_made_once(tmp_path, monkeypatch, cap
     stamp = Path(tr).stat().st_mtime_ns
     assert train.ensure_default_data("4,2") == (tr, te) and Path(tr).stat().st_mtime_ns == stamp
     assert "making" not in capsys.readouterr().out
+    assert train.ensure_default_data("4,2", is_main=False) == (tr, te)   # other ranks: files exist
+    with pytest.raises(TimeoutError, match="waited .* for rank 0"):
+        train.ensure_default_data("4,2", is_main=False, root=tmp_path / "never", wait_minutes=0.02)
 
 
 def test_setup_errors_are_printed_once_under_torchrun(tmp_path):
