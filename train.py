@@ -17,6 +17,15 @@ config. `--resume` continues exactly: the data order depends only on (seed, epoc
 only on (seed, epoch, sample index), the loader's workers are seeded from a generator derived
 from (seed, epoch), and the global RNG state (dropout) is restored, so the loss sequence after a
 resume equals the uninterrupted one.
+
+Guards (issue 15): without --train it trains on the embedded default (data/synth, made once by
+rank 0 while the others wait); under torchrun a setup error is printed once (rank 0). A rank
+with fewer samples than one optimizer step stops with the numbers instead of looping over empty
+epochs. --resume refuses settings that break exact resume (RESUME_KEYS) unless
+--allow-config-change names them, keeps the checkpoint's config (+ `resume_history`) and drops
+log records after the checkpoint's step. A full disk is reported as such, the temp file is
+removed, and stale temp files of dead saves are removed at start. --skip-bad prints a summary
+and stops above --max-bad; collectives fail after --dist-timeout minutes instead of 30 silent ones.
 """
 import argparse
 import contextlib
@@ -452,7 +461,7 @@ def load_checkpoint(path, map_location="cpu", required=("model",)):
 
 def load_model_from_checkpoint(path, device, body=None, h36m_regressor=None):
     """Rebuild the model a checkpoint was trained with and load its weights (for eval/demo)."""
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, required=("model", "config"))
     cfg = ck["config"]
     body_model = build_body(body or cfg.get("body"), h36m_regressor or cfg.get("h36m_regressor")).to(device)
     model, model_cfg = build_model(cfg["model"], cfg["preset"], body_model,
