@@ -484,7 +484,9 @@ def setup_distributed(device_arg, timeout_minutes=DIST_TIMEOUT_MINUTES):
         use_cuda = device_arg != "cpu" and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo",
+        # CPU tensors (loss flags, counters, replica check) go through gloo even on GPUs: NCCL
+        # alone refuses them ("No backend type associated with device type cpu").
+        dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo",
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
         device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
         return rank, world, device
