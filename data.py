@@ -47,6 +47,10 @@ Departures from METRO / SPIN and why
   The DataLoader must be re-created per epoch after `dataset.set_epoch(epoch)` (or use the
   epoch-aware `WeightedMixedSampler`, which forwards set_epoch to its dataset).
 - Pelvis for root-centring: J24[14] as METRO; if its confidence is 0 the hip midpoint is used.
+- EXIF orientation (phone photos) is applied when an image is decoded (`exif_upright`), as
+  cv2.imread does by default, with which SPIN/METRO-style preprocessing read the raw photos their
+  labels were made on; METRO TSV images are cv2-encoded and carry no EXIF, so for them it is a
+  no-op. demo.py and visualize.py read images the same way.
 - Bad inputs raise `DataError` naming the file, index and key; `skip_bad=True` drops samples
   with bad annotations up front and replaces unreadable images by the next good sample at load
   time, counting both (`num_bad`, `bad_report()`).
@@ -74,7 +78,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from render import render
 
@@ -315,6 +319,16 @@ def transform_points(pts, A):
     return pts @ A[:2, :2].T + A[:2, 2]
 
 
+def exif_upright(img):
+    """Apply an image's EXIF orientation tag (2..8); without one, return the same lazy image
+    (so JPEG draft decoding stays possible). Convention: see the file header."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)                    # 0x0112 = Orientation
+    except Exception:  # noqa: BLE001 - a broken EXIF block is treated as "no tag"
+        orientation = 1
+    return ImageOps.exif_transpose(img) if orientation in (2, 3, 4, 5, 6, 7, 8) else img
+
+
 def warp_image(img, A, out_size):
     """PIL image -> (H,W,3) uint8 crop through the affine A (original px -> crop px).
 
@@ -522,7 +536,7 @@ class HMRDataset(torch.utils.data.Dataset):
     def _load_image(self, raw):
         path = self._image_path(raw)
         try:
-            img = Image.open(path)
+            img = exif_upright(Image.open(path))
         except FileNotFoundError:
             raise DataError(self.source, raw, "imgname", f"image file not found: {path}") from None
         except Exception as e:  # PIL.UnidentifiedImageError, OSError
@@ -783,7 +797,7 @@ class TsvDataset(HMRDataset):
         tsv = self.img_tsvs[s]
         try:
             data = base64.b64decode(tsv.row(r)[-1], validate=False)
-            img = Image.open(io.BytesIO(data))
+            img = exif_upright(Image.open(io.BytesIO(data)))
         except Exception as e:
             raise DataError(tsv.path, r, "img", f"cannot decode base64 image: {e}") from None
         return img
@@ -941,7 +955,7 @@ def write_metro_tsv(npz_path, out_dir, name, img_root=None):
         key = str(d["imgname"][i])
         raw = (root / key).read_bytes()
         with Image.open(io.BytesIO(raw)) as im:
-            w, h = im.size
+            w, h = exif_upright(im).size
         S = d["S"][i] if "S" in d else np.zeros((24, 4))
         part = d["part"][i] if "part" in d else np.zeros((24, 3))
         label = {"center": d["center"][i].tolist(), "scale": float(d["scale"][i]),
