@@ -36,7 +36,8 @@ What is drawn, and how it is taken from the model (forward hooks; no model file 
 - sampling (DeFormer): per decoder block, on each feature level, the reference points (every
   joint / vertex of the current mesh projected with the camera, white) and, for the chosen tokens,
   the sampling points coloured and sized by their attention weight; the mesh at every refinement
-  step t and the projected vertices of t (orange) and t+1 (cyan).
+  step t and the projected vertices of t (orange; carried up the barycentric map where t+1 is on
+  the next mesh level) and t+1 (cyan).
 - features (FeatUp-HMR): PCA (3 components) of the low-resolution ViT features, fitted on the
   low-resolution map; the SAME mean, basis and colour range turn the low-res and the upsampled
   maps into RGB, side by side.
@@ -59,9 +60,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import deformable_attention
 import demo
 import render
 import train
+from sparse_attention import block_density, blockify, build_scap, mesh_adjacency, reorder
 
 LSP_NAMES = ("R_Ankle", "R_Knee", "R_Hip", "L_Hip", "L_Knee", "L_Ankle", "R_Wrist", "R_Elbow",
              "R_Shoulder", "L_Shoulder", "L_Elbow", "L_Wrist", "Neck", "Head")
@@ -328,6 +331,8 @@ def cmd_attention(args):
             if mask is not None:
                 arrays[f"{key}_mask"] = mask.numpy()
                 pic[mask.numpy()] = BLOCKED
+            k = max(1, 224 // pic.shape[0])                                      # small matrices (J x J) enlarged
+            pic = pic.repeat(k, 0).repeat(k, 1)
             files.append(figure([[(f"{key} self-attention, mean of {p.shape[0]} heads (sqrt scale, grey = masked)",
                                    pic)]], dest / f"{key}.png"))
             continue
@@ -398,7 +403,6 @@ class DeformableRecorder:
             self._handles.append(m.register_forward_hook(self._hook))
 
     def _hook(self, module, args, output):
-        import deformable_attention as da
         query, ref, flat, shapes = args[:4]
         pad = args[5] if len(args) > 5 else None
         with torch.no_grad():
@@ -409,7 +413,7 @@ class DeformableRecorder:
                 value = value.masked_fill(pad[..., None], 0.0)
             B, S, C = value.shape
             value = value.view(B, S, module.n_heads, C // module.n_heads)        # (B, S, C) -> (B, S, H, Dh)
-            again = module.output_proj(da.ms_deform_attn_core_pytorch(value, shapes, loc, attn))
+            again = module.output_proj(deformable_attention.ms_deform_attn_core_pytorch(value, shapes, loc, attn))
         if not torch.allclose(again, output, rtol=1e-3, atol=1e-4 * (1 + float(output.abs().max()))):
             raise RuntimeError("visualize.py: the sampling locations / weights recomputed from MSDeformAttn's "
                                "inputs do not reproduce its output; deformable_attention.py changed")
@@ -467,7 +471,10 @@ def cmd_sampling(args):
         steps.append((f"step {t} (level {lev}, {len(v)} vertices)",
                       mesh_overlay(patch, v, topo["faces"][lev].numpy(), cam)))
         arrays[f"step{t}_vertices"] = v
-        if t + 1 < len(vps) and len(vps[t + 1]) == len(v):
+        if t + 1 < len(vps):
+            if levels[t + 1] != lev:                                             # new stage: t carried up
+                with torch.no_grad():
+                    v = model.upsample(torch.as_tensor(v)[None], lev, levels[t + 1])[0].numpy()
             pic = dots(patch.copy(), project01(v, cam) * [W, H], np.array([[255, 150, 0]] * len(v)), 1)
             pic = dots(pic, project01(vps[t + 1], cam) * [W, H], np.array([[0, 220, 255]] * len(v)), 1)
             moves.append((f"step {t} (orange) -> {t + 1} (cyan)", pic))
@@ -526,7 +533,6 @@ def cmd_features(args):
 # ----------------------------------------------------------------------------- scap
 def scap_mask(model, topology, stage):
     """The SCAP (N, N) bool (True = may attend) of a DeFormer stage, built as deformer.py builds it."""
-    from sparse_attention import build_scap, mesh_adjacency
     level = model.levels[stage]
     nv = topology["num_vertices"][level]
     adj = mesh_adjacency(torch.as_tensor(topology["faces"][level]).long(), nv, self_loops=True)
@@ -547,7 +553,6 @@ def downsample_bool(m, max_px):
 
 
 def cmd_scap(args):
-    from sparse_attention import blockify, block_density, reorder
     model, body_model, name = load(args)
     if name != "deformer":
         raise SystemExit(f"visualize.py scap: needs a DeFormer model, got {name}")
