@@ -216,7 +216,7 @@ def parse_indices(text, n, what):
 def mesh_overlay(patch, vertices, faces, cam, focal=1000.0):
     """Mesh (V, 3) drawn on the crop with the weak-perspective camera (s, tx, ty)."""
     h, w = patch.shape[:2]
-    f = focal * w / 224
+    f = focal * min(h, w) / 224
     t = render.weak_perspective_to_camera(torch.as_tensor(cam, dtype=torch.float32)[None], (h, w), f)[0]
     return render.overlay(patch, torch.as_tensor(vertices, dtype=torch.float32), torch.as_tensor(faces), f,
                           translation=t)
