@@ -8,8 +8,9 @@ predicted parameters (.npz). Headless (render.py rasterises in plain torch).
 
 Person boxes (one output per person):
 - none: the image is a person crop; its largest centred square is used.
-- --boxes JSON: {"image.jpg": [x1, y1, x2, y2] or a list of them} in pixels; the crop is the
-  box's square enlarged by --box-scale (1.2, as the METRO family's crops).
+- --boxes JSON: {"image.jpg": [x1, y1, x2, y2] or a list of them} in pixels (keys are matched by
+  file name, folders ignored); the crop is the box's square enlarged by --box-scale (1.2, as the
+  METRO family's crops).
 - --coco JSON: COCO-style person detections/keypoints: a COCO annotation file ({"images": [{id,
   file_name}], "annotations": [...]}) or a list of detections that name their image by
   "file_name" (or a string "image_id"). A detection's "bbox" [x, y, w, h] is used like a --boxes
@@ -183,7 +184,8 @@ def load_boxes(path, scale=1.2):
         if not isinstance(entry, (list, tuple)) or len(entry) == 0:
             raise ValueError(f"{where}: expected [x1, y1, x2, y2] or a non-empty list of them, got {entry!r}")
         entries = entry if isinstance(entry[0], (list, tuple)) else [entry]
-        out[name] = [square_box(check_box(b, f"{where} box {k}"), scale) for k, b in enumerate(entries)]
+        out.setdefault(Path(name).name, []).extend(
+            square_box(check_box(b, f"{where} box {k}"), scale) for k, b in enumerate(entries))
     return out
 
 
@@ -379,6 +381,11 @@ def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     counts = [1 if persons is None else len(persons.get(f.name, [])) for f in files]
+    if persons is not None:
+        unused = sorted(set(persons) - {f.name for f in files})
+        if unused:
+            print(f"note: {len(unused)} file name(s) with person boxes are not among the images: "
+                  f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
     stems = output_stems(files, counts)
     focal = args.focal * min(in_h, in_w) / 224
 
