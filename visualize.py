@@ -10,10 +10,15 @@ sampling points, upsampled features, the SCAP pattern and the predicted mesh. He
     python visualize.py mesh      --ckpt runs/q/last.pt --image photo.jpg
     python visualize.py attention --model fastmetro --preset tiny --image photo.jpg   # random weights
 
-Papers: FastMETRO (Cho et al., ECCV 2022, https://arxiv.org/abs/2207.13820) Fig. 1/6 attention
-maps; TORE (Dou et al., ICCV 2023, https://arxiv.org/abs/2211.10705) image-token pruning; DeFormer
-(Yoshiyasu, CVPR 2023) deformable mesh cross-attention and SCAP; FeatUp (Fu et al., ICLR 2024,
-https://arxiv.org/abs/2403.10516) PCA feature pictures.
+Papers (figures re-drawn, no code used):
+- FastMETRO: Cho et al., "Cross-Attention of Disentangled Modalities for 3D Human Mesh Recovery
+  with Transformers", ECCV 2022, https://arxiv.org/abs/2207.13820 (attention maps).
+- TORE: Dou et al., "TORE: Token Reduction for Efficient Human Mesh Recovery with Transformer",
+  ICCV 2023, https://arxiv.org/abs/2211.10705 (image-token pruning).
+- DeFormer: Yoshiyasu, "Deformable Mesh Transformer for 3D Human Mesh Recovery", CVPR 2023
+  (deformable mesh cross-attention, SCAP).
+- FeatUp: Fu et al., "FeatUp: A Model-Agnostic Framework for Features at Any Resolution",
+  ICLR 2024, https://arxiv.org/abs/2403.10516 (PCA feature pictures).
 
 Every subcommand takes --ckpt (a train.py checkpoint) or --model/--preset (random weights, seeded
 by --seed, to see what the tools draw), --image (one photo, read as demo.py reads photos: EXIF,
@@ -22,7 +27,7 @@ by --seed, to see what the tools draw), --image (one photo, read as demo.py read
 
 What is drawn, and how it is taken from the model (forward hooks; no model file is changed):
 - attention: every decoder layer's cross-attention (softmax(q k^T / sqrt(d)) over the image
-  tokens) of the chosen joint / vertex tokens, head-averaged and per head, as 7x7 heat maps over
+  tokens) of the chosen joint / vertex tokens, head-averaged and per head, as h x w (7x7) heat maps over
   the crop (top row blended with the crop, bottom row the bare map), and the decoder
   self-attention matrix (head-averaged) with the entries the mesh mask blocks in grey. The hook
   recomputes the probabilities from the module's inputs and checks that they reproduce the
@@ -48,7 +53,9 @@ What is drawn, and how it is taken from the model (forward hooks; no model file 
 
 Choices (no reference code draws these): heat maps use a viridis-like colour ramp (test
 `invert_colormap` reads values back), each map scaled by its own maximum (titles give it);
-clusters use evenly spaced hues.
+clusters use evenly spaced hues. TORE's attention over cluster tokens carried to image cells
+through the clustering matrix is our reading (each cluster token is that weighted mix of cells);
+the raw rows over the M tokens are in the .npz too. Self-attention is drawn on a square-root scale.
 """
 import argparse
 import colorsys
