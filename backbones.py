@@ -38,7 +38,9 @@ What this file implements
   forward -> 1280x7x7 at 224.
 - Tiny CPU configs for tests and the CPU quickstart: resnet_tiny, hrnet_tiny, hrnet_tiny_pose,
   hrformer_tiny, vit_tiny.
-- `build_backbone(name, pretrained=None, **kw)` and `load_pretrained(model, path)`.
+- `build_backbone(name, pretrained=None, **kw)` and `load_pretrained(model, path)` (weights-only
+  torch.load; numpy arrays, not object arrays, allowed in metadata as mmengine writes them; numpy
+  is imported lazily only for that).
 
 Every backbone has `forward(x) -> (B, out_channels, H/s, W/s)` (s = 32 for CNNs, 16 for ViT),
 `forward_features(x) -> list of (B, C_i, H_i, W_i)`, `forward_with_features(x) -> (out, feats)`
@@ -1114,11 +1116,25 @@ def _match_prefixes(sd, model_keys, remap=lambda d: d):
     return sd, dropped
 
 
+def _numpy_array_globals():
+    """The globals numpy arrays pickle to (not object arrays), for torch's weights-only loader:
+    MMPose / mmengine checkpoints keep numpy arrays in their `meta` (dataset_meta). numpy is
+    imported lazily (it is not needed otherwise); [] when it is absent."""
+    try:
+        import numpy as np
+        import numpy.dtypes as dtypes
+    except ImportError:
+        return []
+    core = np._core if hasattr(np, "_core") else np.core
+    kinds = [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and n != "ObjectDType"]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype] + kinds
+
+
 def load_pretrained(model: nn.Module, path, strict: bool = True, verbose: bool = True) -> dict:
     """Load an official checkpoint file into a backbone of this file.
 
     Accepts plain state dicts or ones wrapped in 'state_dict' / 'model' (Lightning, mmcv,
-    DeiT-style), strips 'module.' / 'backbone.' prefixes (keeping only the backbone's part of a
+    DeiT-style; numpy arrays in their metadata are allowed, nothing else beyond weights_only), strips 'module.' / 'backbone.' prefixes (keeping only the backbone's part of a
     full ViTPose / HMR 2.0 / FastMETRO checkpoint), renames METRO/FastMETRO's
     nn.Sequential-indexed ResNet keys ('backbone.4.0.conv1.weight' -> 'layer1.0.conv1.weight'), drops ImageNet classifier weights
     ('fc.', 'classifier.', '_fc.') when the model has no classifier, resizes a ViT pos_embed to
@@ -1134,7 +1150,8 @@ def load_pretrained(model: nn.Module, path, strict: bool = True, verbose: bool =
     """
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # not a torch file, or holds non-tensor objects

@@ -3,6 +3,7 @@ layouts load strictly (state dicts built from the module, renamed into those lay
 heads), key names as in the official code, published parameter counts, window attention maths."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,8 @@ def test_pose_hrnet_checkpoint_loads_strictly_and_reports_the_head(tmp_path, cap
         ckpt = {**sd, **head}
     else:                                       # MMPose 0.x `keypoint_head.`, 1.x `head.`
         hp = "keypoint_head." if layout == "mmpose" else "head."
-        ckpt = {"meta": {"epoch": 210}, "state_dict": {**{f"backbone.{k}": v for k, v in sd.items()},
+        meta = {"epoch": 210, "dataset_meta": {"sigmas": np.full(17, 0.05, np.float32)}}  # mmengine keeps numpy
+        ckpt = {"meta": meta, "state_dict": {**{f"backbone.{k}": v for k, v in sd.items()},
                                                        **{hp + k: v for k, v in head.items()}}}
     torch.save(ckpt, tmp_path / "pose.pth")
     dst = build_backbone("hrnet_tiny_pose").eval()
@@ -72,6 +74,13 @@ def test_pose_hrnet_checkpoint_loads_strictly_and_reports_the_head(tmp_path, cap
     with torch.no_grad():
         for a, b in zip(src.forward_features(x), dst.forward_features(x)):
             assert torch.equal(a, b)
+
+
+def test_pickled_objects_other_than_numpy_arrays_are_refused(tmp_path):
+    sd = build_backbone("hrnet_tiny_pose").state_dict()
+    torch.save({"meta": {"x": np.array([1, "a"], dtype=object)}, "state_dict": sd}, tmp_path / "obj.pth")
+    with pytest.raises(ValueError, match="weights-only"):
+        load_pretrained(build_backbone("hrnet_tiny_pose"), tmp_path / "obj.pth")
 
 
 def test_pose_checkpoint_into_the_classification_layout_fails_naming_keys(tmp_path):
