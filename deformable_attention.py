@@ -13,8 +13,9 @@ What this file implements
   input_level_start_index, input_padding_mask)`.
 - `ms_deform_attn_core_pytorch`: the sampling + weighted sum, via `F.grid_sample` (bilinear,
   zeros padding, align_corners=False), one level at a time.
-- A hook for an optional fused CUDA kernel (`register_kernel`, `impl=` / env
-  `HMR_DEFORM_ATTN_IMPL`); no kernel ships here, "cuda" falls back to PyTorch with a warning.
+- Level shapes are Python ints (a list of (H_l, W_l), or a CPU tensor read on the host): the
+  forward never reads a device tensor back (no host synchronisation on CUDA) and runs on the
+  `meta` device. A fused kernel, when one exists, brings its own module and dispatch.
 
 Coordinate conventions (same as the official code)
 - Locations are (x, y) in [0, 1] over each level's feature map, (0, 0) = top-left corner of the
@@ -34,59 +35,43 @@ Departures from the paper / official code
   instead of the official reference's stacked (B*H, Dh, Lq, L*P) for all levels. Backward
   is deterministic (autograd of grid_sample), unlike the official atomicAdd kernel; works in
   any dtype (half/bfloat16/float64) and any batch size (no im2col_step constraint).
-- `im2col_step` is kept as an attribute only (it has no meaning here).
+- No `im2col_step` (a CUDA-kernel batching knob with no meaning here).
+- `input_spatial_shapes` / `input_level_start_index` are host-side: a list of (H_l, W_l) ints or
+  a CPU tensor (the official code passes CUDA tensors that its kernel reads on the device; the
+  PyTorch core needs the sizes on the host, and reading a CUDA tensor would stall the host).
 - Reference points may also be given without the level axis, (B, Lq, 2) or (B, Lq, 4), and
   are then shared by all levels (convenience for callers such as DeFormer).
 - The official code warns when d_model / n_heads is not a power of two (a CUDA-kernel speed
   hint); irrelevant to the PyTorch core, so no warning.
 """
 import math
-import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MSDeformAttn", "ms_deform_attn_core_pytorch", "register_kernel", "available_impls"]
-
-# ----------------------------------------------------------------------------------------------
-# Optional fused kernel hook (a later issue). A kernel is a callable with the signature
-#   kernel(value (B,S,H,Dh), spatial_shapes (L,2) long, level_start_index (L,) long,
-#          sampling_locations (B,Lq,H,L,P,2), attention_weights (B,Lq,H,L,P)) -> (B,Lq,H*Dh)
-# registered with `register_kernel("cuda", fn)`. Nothing is registered by this file.
-# ----------------------------------------------------------------------------------------------
-_KERNELS = {}
-_WARNED = set()
-ENV_IMPL = "HMR_DEFORM_ATTN_IMPL"
+__all__ = ["MSDeformAttn", "ms_deform_attn_core_pytorch"]
 
 
-def register_kernel(name, fn):
-    """Register a fused implementation `fn` under `name` (e.g. "cuda"); see the signature above."""
-    if name == "pytorch":
-        raise ValueError("deformable_attention.register_kernel: 'pytorch' is the built-in core")
-    _KERNELS[name] = fn
-
-
-def available_impls():
-    """Names usable as `MSDeformAttn(impl=...)`: "pytorch" plus any registered kernels."""
-    return ["pytorch", *sorted(_KERNELS)]
-
-
-def _warn_once(msg):
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, stacklevel=3)
+def _host_ints(x, name):
+    """A list/tuple of ints or a CPU tensor -> nested Python ints. A tensor on another device is
+    refused: reading it back would synchronise the host with the device on every forward."""
+    if torch.is_tensor(x):
+        if x.device.type != "cpu":
+            raise ValueError(f"deformable_attention: {name} must be on the host (a list of ints or a "
+                             f"CPU tensor), got a {x.device.type} tensor: reading it would "
+                             "synchronise with the device; pass the Python ints the caller built it from")
+        return x.tolist()
+    return x
 
 
 def _shapes_as_list(spatial_shapes):
-    """(L, 2) long tensor or nested list of (H_l, W_l) -> list of python (H_l, W_l) tuples."""
-    if torch.is_tensor(spatial_shapes):
-        if spatial_shapes.dim() != 2 or spatial_shapes.shape[1] != 2:
-            raise ValueError("deformable_attention: spatial_shapes must be (L, 2) (H_l, W_l), got "
-                             f"{tuple(spatial_shapes.shape)}")
-        spatial_shapes = spatial_shapes.tolist()
-    return [(int(h), int(w)) for h, w in spatial_shapes]
+    """(L, 2) CPU tensor or sequence of (H_l, W_l) ints -> list of Python (H_l, W_l) tuples."""
+    shapes = _host_ints(spatial_shapes, "spatial_shapes")
+    if not all(len(hw) == 2 for hw in shapes):
+        raise ValueError("deformable_attention: spatial_shapes must be (L, 2) (H_l, W_l), got "
+                         f"{spatial_shapes!r}")
+    return [(int(h), int(w)) for h, w in shapes]
 
 
 def ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights):
@@ -95,7 +80,7 @@ def ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, atten
     Args:
         value: (B, S, H, Dh) per-head values of all levels, flattened row-major per level and
             concatenated over levels; S = sum_l H_l * W_l.
-        spatial_shapes: (L, 2) long tensor (or list) of (H_l, W_l).
+        spatial_shapes: list of L (H_l, W_l) ints (or an (L, 2) CPU tensor).
         sampling_locations: (B, Lq, H, L, P, 2) (x, y) in [0, 1] per level (values outside are
             allowed: out-of-map taps read zeros). x indexes width, y height; pixel (i, j) has its
             centre at ((j + 0.5) / W_l, (i + 0.5) / H_l) (align_corners=False convention).
@@ -147,21 +132,16 @@ class MSDeformAttn(nn.Module):
         n_levels: L feature levels.
         n_heads: H heads, head dim Dh = C / H.
         n_points: P sampling points per head and level.
-        impl: "pytorch" (default), a name registered with `register_kernel` (e.g. "cuda"), or
-            None = env `HMR_DEFORM_ATTN_IMPL` or "pytorch". A requested kernel that is not
-            registered, or given non-CUDA tensors, falls back to PyTorch with a one-time warning.
     Parameters (official names): sampling_offsets Linear(C, H*L*P*2), attention_weights
     Linear(C, H*L*P), value_proj Linear(C, C), output_proj Linear(C, C).
     """
 
-    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4, impl=None):
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"deformable_attention.MSDeformAttn: d_model ({d_model}) must be "
                              f"divisible by n_heads ({n_heads})")
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-        self.im2col_step = 64  # official attribute; unused by the PyTorch core
-        self.impl = impl if impl is not None else os.environ.get(ENV_IMPL, "pytorch")
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
@@ -197,7 +177,7 @@ class MSDeformAttn(nn.Module):
             query: (B, Lq, C).
             reference_points: (B, Lq, L, 2) points (x, y) in [0, 1], or (B, Lq, L, 4) boxes
                 (cx, cy, w, h) normalised; or (B, Lq, 2) / (B, Lq, 4) shared by all levels.
-            input_spatial_shapes: (L, 2) long (H_l, W_l).
+            input_spatial_shapes: L (H_l, W_l) ints (or an (L, 2) CPU tensor).
         Returns:
             (B, Lq, H, L, P, 2) (x, y) in [0, 1] coordinates of each level (may lie outside).
         """
@@ -213,9 +193,15 @@ class MSDeformAttn(nn.Module):
         # (B, Lq, H*L*P*2) -> (B, Lq, H, L, P, 2)
         off = self.sampling_offsets(query).view(B, Lq, H, L, P, 2)
         if ref.shape[-1] == 2:
-            shapes = torch.as_tensor(input_spatial_shapes, device=off.device)
-            norm = shapes.flip(-1).to(off.dtype)                        # (L, 2) as (W_l, H_l)
-            return ref[:, :, None, :, None, :] + off / norm[None, None, None, :, None, :]
+            shapes = _shapes_as_list(input_spatial_shapes)
+            if len(shapes) != L:
+                raise ValueError(f"deformable_attention.MSDeformAttn: {L} levels expected, "
+                                 f"spatial_shapes has {len(shapes)}")
+            # offsets in pixels of each level -> [0, 1] units: divide x by W_l and y by H_l, with
+            # Python scalars (a (W_l, H_l) tensor would be a host-to-device copy per call)
+            off = torch.stack([torch.stack([off[:, :, :, l, :, 0] / w, off[:, :, :, l, :, 1] / h], -1)
+                               for l, (h, w) in enumerate(shapes)], 3)   # L x (B, Lq, H, P, 2) -> (B, Lq, H, L, P, 2)
+            return ref[:, :, None, :, None, :] + off
         return (ref[:, :, None, :, None, :2]
                 + off / P * ref[:, :, None, :, None, 2:] * 0.5)
 
@@ -235,8 +221,9 @@ class MSDeformAttn(nn.Module):
                 (B, Lq, L, 4) boxes (cx, cy, w, h) normalised; (B, Lq, 2|4) = same for all levels.
             input_flatten: (B, S, C) values, levels flattened row-major and concatenated,
                 S = sum_l H_l * W_l.
-            input_spatial_shapes: (L, 2) long, (H_l, W_l) per level.
-            input_level_start_index: (L,) long, start of each level in S (checked if given).
+            input_spatial_shapes: L (H_l, W_l) ints (or an (L, 2) CPU tensor), host-side.
+            input_level_start_index: L ints (or an (L,) CPU tensor), start of each level in S
+                (checked if given; it follows from the shapes).
             input_padding_mask: (B, S) bool, True = padding (value zeroed), or None.
         Returns:
             (B, Lq, C).
@@ -257,7 +244,7 @@ class MSDeformAttn(nn.Module):
             starts = [0]
             for h, w in shapes[:-1]:
                 starts.append(starts[-1] + h * w)
-            if [int(s) for s in torch.as_tensor(input_level_start_index).tolist()] != starts:
+            if [int(s) for s in _host_ints(input_level_start_index, "input_level_start_index")] != starts:
                 raise ValueError("deformable_attention.MSDeformAttn: input_level_start_index "
                                  f"{list(input_level_start_index)} != cumulative sizes {starts}")
         value = self.value_proj(input_flatten)                          # (B, S, C)
@@ -267,35 +254,17 @@ class MSDeformAttn(nn.Module):
                                  f"(B, S) = {(B, S)}, got {tuple(input_padding_mask.shape)}")
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(B, S, self.n_heads, C // self.n_heads)      # (B, S, C) -> (B, S, H, Dh)
-        loc = self.sampling_locations(query, reference_points, input_spatial_shapes)
+        loc = self.sampling_locations(query, reference_points, shapes)
         attn = self.attention_probs(query)                              # (B, Lq, H, L, P)
-        out = self._core(value, input_spatial_shapes, input_level_start_index, loc, attn)
+        out = ms_deform_attn_core_pytorch(value, shapes, loc, attn)     # (B, Lq, C)
         return self.output_proj(out)                                    # (B, Lq, C)
-
-    def _core(self, value, spatial_shapes, level_start_index, loc, attn):
-        """Dispatch to a registered kernel if requested and usable, else the PyTorch core."""
-        if self.impl != "pytorch":
-            kernel = _KERNELS.get(self.impl)
-            if kernel is None:
-                _warn_once(f"deformable_attention: impl={self.impl!r} is not registered "
-                           f"(available: {available_impls()}); using the PyTorch core")
-            elif self.impl == "cuda" and not value.is_cuda:
-                _warn_once("deformable_attention: impl='cuda' needs CUDA tensors; using the "
-                           "PyTorch core")
-            else:
-                shapes = torch.as_tensor(spatial_shapes, dtype=torch.long, device=value.device)
-                if level_start_index is None:
-                    sizes = shapes.prod(1)
-                    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-                return kernel(value, shapes, level_start_index, loc, attn)
-        return ms_deform_attn_core_pytorch(value, spatial_shapes, loc, attn)
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    shapes = torch.tensor([[28, 28], [14, 14], [7, 7], [4, 4]])
-    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    shapes = [(28, 28), (14, 14), (7, 7), (4, 4)]
+    starts = [0, 784, 980, 1029]
     m = MSDeformAttn(64, 4, 8, 4)
-    q, x = torch.randn(2, 100, 64), torch.randn(2, int(shapes.prod(1).sum()), 64)
+    q, x = torch.randn(2, 100, 64), torch.randn(2, sum(h * w for h, w in shapes), 64)
     y = m(q, torch.rand(2, 100, 4, 2), x, shapes, starts)
     print("MSDeformAttn out", tuple(y.shape), "params", sum(p.numel() for p in m.parameters()))

@@ -105,7 +105,7 @@ class DeFormerConfig:
     tile_size: int = 16
     ordering: str = "rcm"
     semantics: str = "block"                    # "block" | "exact"
-    attn_impl: str = "block"                    # "block" | "dense" | "naive" | "cuda"
+    attn_impl: str = "block"                    # "block" | "dense" | "naive"
     scap_threshold: float = 0.0                 # binarisation threshold of skin weights/regressor
     detach_refinement: bool = True
     flip_template: bool = True                  # rotate the rest template by pi about x
@@ -176,8 +176,8 @@ class DeformableMeshBlock(nn.Module):
             tokens: (B, N, D) joint tokens first, then vertex tokens.
             coords: (B, N, 3) current 3D joints/vertices, metres.
             cam: (B, 3) weak-perspective camera (s, tx, ty).
-            memory: (B, S, D) flattened multi-scale values; spatial_shapes (L, 2) long (H_l, W_l);
-                level_start_index (L,) long; padding_mask (B, S) bool or None.
+            memory: (B, S, D) flattened multi-scale values; spatial_shapes L (H_l, W_l) ints;
+                level_start_index L ints; padding_mask (B, S) bool or None.
         Returns:
             tokens (B, N, D), refined coords (B, N, 3) metres, reference points (B, N, 2) in [0, 1].
         """
@@ -297,7 +297,7 @@ class DeFormer(nn.Module):
         return x
 
     def multiscale_memory(self, feats):
-        """Backbone maps [(B, C_i, H_i, W_i)] -> memory (B, S, D), shapes (L, 2), starts (L,), global (B, D)."""
+        """Backbone maps [(B, C_i, H_i, W_i)] -> memory (B, S, D), shapes [(H_l, W_l)] ints, starts [L ints], global (B, D)."""
         feats = feats[-self.cfg.num_feature_levels:]
         srcs, shapes = [], []
         for i, (f, proj) in enumerate(zip(feats, self.input_proj)):
@@ -305,9 +305,8 @@ class DeFormer(nn.Module):
             shapes.append(s.shape[-2:])
             srcs.append(s.flatten(2).transpose(1, 2))                          # (B, D, H_i*W_i) -> (B, H_i*W_i, D)
         memory = torch.cat(srcs, 1)                                             # (B, S, D)
-        shapes = torch.tensor(shapes, dtype=torch.long, device=memory.device)  # (L, 2)
-        sizes = shapes.prod(1)
-        starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])        # (L,)
+        shapes = [(int(h), int(w)) for h, w in shapes]                          # L x (H_l, W_l) host ints: no device sync
+        starts = [sum(h * w for h, w in shapes[:l]) for l in range(len(shapes))]  # L ints
         g = self.global_proj(torch.cat([f.mean((2, 3)) for f in feats], 1))     # (B, sum C_i) -> (B, D)
         return memory, shapes, starts, g
 
