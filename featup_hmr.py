@@ -4,10 +4,7 @@ Paper: J. Heo, G. Hu, "Deformable Transformer with Feature Upsampling for Human 
 Stanford CS231n report, code https://github.com/jeffheo/DeformableHMR (not public at the time of
 writing: everything below follows the report text, /work/shared/papers/featup_deformable_hmr.txt).
 Building blocks:
-- FeatUp: S. Fu, M. Hamilton, et al., "FeatUp: A Model-Agnostic Framework for Features at Any
-  Resolution", ICLR 2024, https://arxiv.org/abs/2403.10516 (official code mhamilton723/FeatUp:
-  featup/upsamplers.py JBULearnedRange/JBUStack, featup/downsamplers.py AttentionDownsampler,
-  featup/train_jbu_upsampler.py, featup/datasets/JitteredImage.py; facts only, code not copied).
+- FeatUp: S. Fu, M. Hamilton, et al., ICLR 2024, https://arxiv.org/abs/2403.10516 (in featup.py).
 - HMR 2.0: S. Goel et al., "Humans in 4D: Reconstructing and Tracking Humans with Transformers",
   ICCV 2023 (frozen ViTPose ViT-H backbone, 256x192 input, 6D rotations, one IEF round from the
   mean parameters).
@@ -15,25 +12,16 @@ Building blocks:
   query self-attention, multi-scale deformable cross-attention, FFN; post-norm; learned query
   embeddings split into content + positional part; reference points = sigmoid(Linear(pos))).
 
-What this file implements
-- `JBULearnedRange` / `JBUStack`: FeatUp's joint bilateral upsampler. One x2 stage: features are
-  bicubic-upsampled to the guidance size and filtered with a per-pixel 7x7 kernel = range kernel
-  (softmax over the window of exp(temperature) * <key_neighbour, key_centre>, keys from a 1x1-conv
-  MLP on the guidance image, temperature init 0) x spatial Gaussian (on a [-1, 1] grid, learned
-  sigma init 1), normalised, plus 0.1 x a 1x1-conv "fix-up" of [kernel, guidance]. The stack
-  chains log2(factor) stages (factor 4, 8 or 16); the guidance of each stage is the input image
-  average-pooled to that stage's size; a final 0.1-scaled 1x1-conv residual fix-up.
-  `BilinearUpsampler` is the paper's "no FeatUp" baseline.
-- FeatUp pre-training (`FeatUpPretrainer`, `pretrain_upsampler`, CLI `pretrain-upsampler`): the
-  multi-view consistency objective with the backbone frozen: jitter the image (reflect pad, zoom,
-  crop, flip), apply the same jitter to the high-res features of the ORIGINAL image, downsample
-  them with a learned attention downsampler (16x16 patches), compare to the backbone features of
-  the jittered image (random projection to 30 dims), outlier-aware Gaussian NLL with a predicted
-  per-pixel scale (ScaleNet). One upsampler per feature layer (u_16 and u_32 in the paper); for
-  factors 4 and 8 the high-res features are bilinearly resized to the image size before the
-  jitter (the paper: "additional bilinear interpolation ... to recover the original image
-  resolution"), so the downsampler always reduces by 16. Saved as
-  `torch.save({"config": ..., "state_dict": ...})`; `FeatUpHMRConfig.upsampler_ckpt` loads it.
+Needs featup.py (the FeatUp upsampler and its pre-training) and deformable_attention.py; the
+default backbone builder and the pre-training command also need backbones.py.
+
+What this file implements (in the report's order: 3.1 features, 3.2 upsampling, 3.3 decoder, 3.4 loss)
+- Upsamplers: featup.JBUStack (FeatUp's joint bilateral upsampler, pre-trained with
+  `python featup.py pretrain` or `python featup_hmr.py pretrain-upsampler`, which takes a preset's
+  layers / factor / window / input size), or `BilinearUpsampler`, the paper's "no FeatUp"
+  baseline. `FeatUpHMRConfig.upsampler_ckpt` loads a pre-trained file at construction; once the
+  model is trained its state dict holds those weights, so evaluation and the demo rebuild it
+  without the file (`restore_overrides`).
 - `FeatUpHMR`: frozen ViT (injected; `forward_features` returns the two layer maps, 16x12 tokens
   each at 256x192) -> per-layer channel LayerNorm (FeatUp's ChannelNorm) -> upsampler ->
   the decoder's FOUR feature levels, fine to coarse:
@@ -87,14 +75,8 @@ Departures from the paper / official code (and why)
   isotropic s is right at 256x192; the person box is [-1, 1]^2), not HMR 2.0's perspective camera
   with focal length 5000. The reference points are learned (not projected), so they need no
   conversion.
-- FeatUp JBU: the adaptive 7x7 filter is a loop of 49 shifted multiply-adds in plain PyTorch
-  (FeatUp uses a custom CUDA op, AdaptiveConv); sub-modules are a ModuleList `stages` instead of
-  up1..up4. The attention downsampler's patch dropout (logits x Bernoulli(0.8)) is applied in
-  training mode only (the official code applies it always); its blur is a 5x5 Gaussian (sigma 1,
-  reflect border) like kornia's. The CRF and TV regularisers of FeatUp's trainer are not used
-  (crf_weight 0.001 in FeatUp's config; they need a dense CRF sampler and do not change the
-  consistency objective the issue asks for). FeatUp clips gradients to 1e-4 for the first 10
-  steps; kept as an option (`warmup_clip_steps`).
+- FeatUp itself (JBU, pre-training): see featup.py's header. The report pre-trains on 20% of COCO;
+  pre-training here takes any folder of images (the synthetic set in the README).
 - Upsampler training: frozen when a checkpoint is loaded (FeatUp upsamplers are used as fixed
   feature extractors), trained end to end with the decoder otherwise (`freeze_upsampler`).
 - ViT-H parameter count: the report gives 714M for the full model; our count is printed by
@@ -109,13 +91,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from deformable_attention import MSDeformAttn
+from featup import JBUStack, channel_norm, load_upsampler_ckpt
 
 __all__ = [
     "FeatUpHMRConfig", "PRESETS", "TRAIN_DEFAULTS", "FeatUpHMR", "build_featup_hmr",
-    "JBULearnedRange", "JBUStack", "BilinearUpsampler", "build_upsampler",
-    "AttentionDownsampler", "ScaleNet", "FeatUpPretrainer", "pretrain_upsampler",
-    "save_upsampler_ckpt", "load_upsampler_ckpt", "sample_jitter", "apply_jitter",
-    "mean_params_from_dataset", "rot6d_to_matrix", "matrix_to_rot6d", "axis_angle_to_matrix",
+    "restore_overrides", "BilinearUpsampler", "build_upsampler", "mean_params_from_dataset",
+    "rot6d_to_matrix", "matrix_to_rot6d", "axis_angle_to_matrix",
 ]
 
 H36M_TO_LSP = [3, 2, 1, 4, 5, 6, 16, 15, 14, 11, 12, 13, 8, 10]
@@ -124,6 +105,8 @@ NUM_QUERIES = NUM_POSE + 2         # + shape token + camera token
 
 
 # =========================================================================== small helpers
+# (copies of body.py / fastmetro.py helpers, so this file stands alone; tests/test_copies.py
+# checks that the copies agree)
 def rot6d_to_matrix(x):
     """6D rotation (Zhou et al. 2019) -> rotation matrix by Gram-Schmidt, HMR 2.0 layout.
 
@@ -165,11 +148,6 @@ def weak_perspective_project(points, cam):
     return cam[:, None, :1] * (points[..., :2] + cam[:, None, 1:])
 
 
-def channel_norm(x):
-    """LayerNorm over channels without affine (FeatUp's ChannelNorm at init): (B,C,H,W) -> same."""
-    return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2]).permute(0, 3, 1, 2)
-
-
 def sine_pos_2d(h, w, dim, device=None, dtype=torch.float32):
     """DETR sine position embedding (normalised, scale 2*pi, temperature 1e4) -> (h*w, dim)."""
     npf = dim // 2
@@ -184,180 +162,7 @@ def sine_pos_2d(h, w, dim, device=None, dtype=torch.float32):
     return pos.reshape(h * w, dim)                                    # (h, w, dim) -> (h*w, dim)
 
 
-class _WindowFilter(torch.autograd.Function):
-    """out[b,c,y,x] = sum_p w[b,p,y,x] * padded[b,c,y+ky,x+kx]; hand-written backward that
-    accumulates into one gradient buffer (autograd of the slices would allocate a padded-size
-    zero tensor per tap)."""
-
-    @staticmethod
-    def forward(ctx, padded, w, radius):
-        D = 2 * radius + 1
-        H, W = w.shape[-2:]
-        out = padded.new_zeros(padded.shape[0], padded.shape[1], H, W)      # (B, C, H, W)
-        for p in range(D * D):
-            ky, kx = divmod(p, D)
-            out.addcmul_(w[:, p:p + 1], padded[:, :, ky:ky + H, kx:kx + W])
-        ctx.save_for_backward(padded, w)
-        ctx.radius = radius
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        padded, w = ctx.saved_tensors
-        D = 2 * ctx.radius + 1
-        H, W = w.shape[-2:]
-        g_pad = torch.zeros_like(padded) if ctx.needs_input_grad[0] else None
-        g_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
-        for p in range(D * D):
-            ky, kx = divmod(p, D)
-            if g_pad is not None:
-                g_pad[:, :, ky:ky + H, kx:kx + W].addcmul_(g, w[:, p:p + 1])
-            if g_w is not None:
-                g_w[:, p] = (g * padded[:, :, ky:ky + H, kx:kx + W]).sum(1)
-        return g_pad, g_w, None
-
-
-class _WindowDot(torch.autograd.Function):
-    """out[b,p,y,x] = sum_k padded[b,k,y+ky,x+kx] * centre[b,k,y,x] (same backward scheme)."""
-
-    @staticmethod
-    def forward(ctx, padded, centre, radius):
-        D = 2 * radius + 1
-        H, W = centre.shape[-2:]
-        out = torch.stack([(padded[:, :, ky:ky + H, kx:kx + W] * centre).sum(1)
-                           for ky in range(D) for kx in range(D)], 1)       # (B, D*D, H, W)
-        ctx.save_for_backward(padded, centre)
-        ctx.radius = radius
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        padded, centre = ctx.saved_tensors
-        D = 2 * ctx.radius + 1
-        H, W = centre.shape[-2:]
-        g_pad = torch.zeros_like(padded) if ctx.needs_input_grad[0] else None
-        g_c = torch.zeros_like(centre) if ctx.needs_input_grad[1] else None
-        for p in range(D * D):
-            ky, kx = divmod(p, D)
-            gp = g[:, p:p + 1]                                               # (B, 1, H, W)
-            if g_pad is not None:
-                g_pad[:, :, ky:ky + H, kx:kx + W].addcmul_(centre, gp)
-            if g_c is not None:
-                g_c.addcmul_(padded[:, :, ky:ky + H, kx:kx + W], gp)
-        return g_pad, g_c, None
-
-
-def _window_sum(padded, weights, radius, mode):
-    """Window ops of the JBU over a (2r+1)^2 neighbourhood, p = ky*D + kx (row-major window).
-
-    mode "filter": padded (B, C, H+2r, W+2r), weights (B, D*D, H, W) per-pixel kernel
-        -> (B, C, H, W), out[b,c,y,x] = sum_p weights[b,p,y,x] * padded[b,c,y+ky,x+kx].
-    mode "dot": padded (B, K, H+2r, W+2r) keys, weights (B, K, H, W) centre keys
-        -> (B, D*D, H, W), out[b,p,y,x] = sum_k padded[b,k,y+ky,x+kx] * weights[b,k,y,x].
-    Loops over the D*D taps: O(B*C*H*W) memory (an unfolded (B, C, D*D, H, W) tensor would not
-    fit for ViT-H x16) and, on CPU, 10-20x faster than unfold + einsum; custom backward.
-    """
-    if mode == "filter":
-        return _WindowFilter.apply(padded, weights, radius)
-    if mode == "dot":
-        return _WindowDot.apply(padded, weights, radius)
-    raise ValueError(f"featup_hmr._window_sum: mode must be 'filter' or 'dot', got {mode!r}")
-
-
-# =========================================================================== FeatUp JBU
-class JBULearnedRange(nn.Module):
-    """One x`scale` joint bilateral upsampling stage with a learned range kernel (FeatUp).
-
-    Args: guidance_dim (3 for RGB), feat_dim (documentation / checks only: the filter is
-        shared by all channels), key_dim (32), scale (2), radius (3 -> 7x7 window), dropout (0.1).
-    """
-
-    def __init__(self, guidance_dim=3, feat_dim=None, key_dim=32, scale=2, radius=3, dropout=0.1):
-        super().__init__()
-        self.guidance_dim, self.feat_dim, self.key_dim = guidance_dim, feat_dim, key_dim
-        self.scale, self.radius, self.diameter = scale, radius, 2 * radius + 1
-        D2 = self.diameter ** 2
-        self.range_temp = nn.Parameter(torch.tensor(0.0))
-        self.range_proj = nn.Sequential(
-            nn.Conv2d(guidance_dim, key_dim, 1), nn.GELU(), nn.Dropout2d(dropout),
-            nn.Conv2d(key_dim, key_dim, 1))
-        self.fixup_proj = nn.Sequential(
-            nn.Conv2d(guidance_dim + D2, D2, 1), nn.GELU(), nn.Dropout2d(dropout),
-            nn.Conv2d(D2, D2, 1))
-        self.sigma_spatial = nn.Parameter(torch.tensor(1.0))
-
-    def range_kernel(self, guidance):
-        """(B, G, H, W) guidance -> (B, D*D, H, W): softmax_p(exp(temp) * <k_{x+p}, k_x>)."""
-        B, _, H, W = guidance.shape
-        keys = self.range_proj(guidance)                                      # (B, K, H, W)
-        padded = F.pad(keys, [self.radius] * 4, mode="reflect")               # (B, K, H+2r, W+2r)
-        logits = _window_sum(padded, keys, self.radius, "dot")               # (B, D*D, H, W)
-        temp = self.range_temp.exp().clamp(1e-4, 1e4)
-        return F.softmax(temp * logits, dim=1)
-
-    def spatial_kernel(self):
-        """(1, D*D, 1, 1) Gaussian exp(-(dx^2 + dy^2) / (2 sigma^2)) on a [-1, 1] window grid."""
-        t = torch.linspace(-1, 1, self.diameter, device=self.sigma_spatial.device,
-                           dtype=self.sigma_spatial.dtype)
-        d2 = t[:, None] ** 2 + t[None, :] ** 2                                # (D, D) row-major
-        return torch.exp(-d2 / (2 * self.sigma_spatial ** 2)).reshape(1, -1, 1, 1)
-
-    def kernel(self, guidance):
-        """The per-pixel filter (B, D*D, H, W) for a guidance map (B, G, H, W)."""
-        k = self.range_kernel(guidance) * self.spatial_kernel()
-        k = k / k.sum(1, keepdim=True).clamp_min(1e-7)
-        return k + 0.1 * self.fixup_proj(torch.cat([k, guidance], 1))
-
-    def forward(self, source, guidance):
-        """
-        Args:
-            source: (B, C, h, w) low-resolution features.
-            guidance: (B, G, H, W) guidance image at the output size (normally H = 2h, W = 2w).
-        Returns:
-            (B, C, H, W) upsampled features (bicubic to (H, W), then the joint bilateral filter).
-        """
-        if source.shape[0] != guidance.shape[0] or guidance.shape[1] != self.guidance_dim:
-            raise ValueError(f"featup_hmr.JBULearnedRange: source (B,C,h,w) {tuple(source.shape)} and "
-                             f"guidance (B,{self.guidance_dim},H,W) {tuple(guidance.shape)} mismatch")
-        H, W = guidance.shape[-2:]
-        kernel = self.kernel(guidance)                                        # (B, D*D, H, W)
-        hr = F.interpolate(source, (H, W), mode="bicubic", align_corners=False)
-        hr = F.pad(hr, [self.radius] * 4, mode="reflect")                     # (B, C, H+2r, W+2r)
-        return _window_sum(hr, kernel, self.radius, "filter")
-
-
-class JBUStack(nn.Module):
-    """log2(factor) stacked x2 JBU stages + a 0.1-scaled 1x1-conv residual fix-up (FeatUp)."""
-
-    def __init__(self, feat_dim, factor=16, key_dim=32, radius=3, dropout=0.1, guidance_dim=3):
-        super().__init__()
-        n = int(round(math.log2(factor)))
-        if factor < 2 or 2 ** n != factor:
-            raise ValueError(f"featup_hmr.JBUStack: factor must be a power of two >= 2, got {factor}")
-        self.feat_dim, self.factor = feat_dim, factor
-        self.stages = nn.ModuleList(JBULearnedRange(guidance_dim, feat_dim, key_dim, 2, radius, dropout)
-                                    for _ in range(n))
-        self.fixup_proj = nn.Sequential(nn.Dropout2d(0.2), nn.Conv2d(feat_dim, feat_dim, 1))
-
-    def forward(self, source, image):
-        """
-        Args:
-            source: (B, C, h, w) features (C = feat_dim).
-            image: (B, 3, H, W) guidance image (ImageNet-normalised input); average-pooled to
-                (2h, 2w), (4h, 4w), ... for the successive stages.
-        Returns:
-            (B, C, factor*h, factor*w).
-        """
-        x = source
-        for stage in self.stages:
-            h, w = x.shape[-2:]
-            guide = F.adaptive_avg_pool2d(image, (2 * h, 2 * w))             # (B, 3, 2h, 2w)
-            x = stage(x, guide)
-        return x + 0.1 * self.fixup_proj(x)
-
-
+# =========================================================================== upsamplers (report 3.2)
 class BilinearUpsampler(nn.Module):
     """The paper's baseline: bilinear x`factor` (no FeatUp); no parameters."""
 
@@ -379,237 +184,6 @@ def build_upsampler(kind, feat_dim, factor, key_dim=32, radius=3):
     if kind == "bilinear":
         return BilinearUpsampler(factor)
     raise ValueError(f"featup_hmr: upsampler must be 'jbu', 'bilinear' or 'none', got {kind!r}")
-
-
-# =========================================================================== FeatUp training
-class AttentionDownsampler(nn.Module):
-    """FeatUp's learned attention downsampler: each output pixel = softmax-weighted mean of a
-    (patch x patch) block of (blurred) high-res features; logits = Linear(C, 1) per pixel, then
-    an affine per in-patch position (w init 1, b init 0, both + 0.01 noise)."""
-
-    def __init__(self, dim, patch=16, blur=True):
-        super().__init__()
-        self.dim, self.patch, self.blur = dim, patch, blur
-        self.attention_net = nn.Sequential(nn.Dropout(0.2), nn.Linear(dim, 1))
-        self.w = nn.Parameter(torch.ones(patch, patch) + 0.01 * torch.randn(patch, patch))
-        self.b = nn.Parameter(torch.zeros(patch, patch) + 0.01 * torch.randn(patch, patch))
-
-    @staticmethod
-    def gaussian_blur(x, size=5, sigma=1.0):
-        """Depthwise Gaussian blur with reflect border: (B, C, H, W) -> same."""
-        t = torch.arange(size, dtype=x.dtype, device=x.device) - (size - 1) / 2
-        g = torch.exp(-t ** 2 / (2 * sigma ** 2))
-        g = g / g.sum()
-        k = (g[:, None] * g[None, :]).expand(x.shape[1], 1, size, size)      # (C, 1, k, k)
-        return F.conv2d(F.pad(x, [size // 2] * 4, mode="reflect"), k, groups=x.shape[1])
-
-    def forward(self, hr_feats):
-        """(B, C, H, W) with H, W multiples of `patch` -> (B, C, H/patch, W/patch)."""
-        B, C, H, W = hr_feats.shape
-        p = self.patch
-        if H % p or W % p:
-            raise ValueError(f"featup_hmr.AttentionDownsampler: H, W must be multiples of {p}, "
-                             f"got {(H, W)}")
-        x = self.gaussian_blur(hr_feats) if self.blur else hr_feats
-        # (B, C, H, W) -> (B, C, H/p, p, W/p, p) -> (B, H/p, W/p, p*p, C)
-        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
-        patches = patches.reshape(B, H // p, W // p, p * p, C)
-        logits = self.attention_net(patches).squeeze(-1)                     # (B, h, w, p*p)
-        if self.training:
-            logits = logits * (torch.rand(logits.shape[:3] + (1,), device=logits.device) > 0.2)
-        logits = logits * self.w.flatten() + self.b.flatten()
-        attn = F.softmax(logits, dim=-1)                                      # (B, h, w, p*p)
-        return torch.einsum("bhwpc,bhwp->bchw", patches, attn)               # (B, C, h, w)
-
-
-class ScaleNet(nn.Module):
-    """Per-pixel predicted scale for FeatUp's outlier-aware loss: exp(conv1x1(x) + 0.1)."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.net = nn.Conv2d(dim, 1, 1)
-        with torch.no_grad():
-            self.net.weight.mul_(0.1)
-            self.net.bias.mul_(0.1)
-
-    def forward(self, x):
-        """(B, C, h, w) -> (B, 1, h, w) positive scales."""
-        return torch.exp(self.net(x) + 0.1).clamp_min(1e-4)
-
-
-def sample_jitter(h, w, max_pad=20, max_zoom=2.0, use_flips=True, generator=None):
-    """Random FeatUp jitter for an (h, w) image: reflect pad by max_pad, zoom in [1, max_zoom]
-    with probability 0.5, crop an (h, w) window at (y, x), optional horizontal flip."""
-    r = torch.rand(3, generator=generator).tolist()
-    flip = use_flips and r[0] > 0.5
-    zoom = 1.0 + r[2] * (max_zoom - 1.0) if r[1] > 0.5 else 1.0
-    vh = int((h + 2 * max_pad) * zoom) - h + 1
-    vw = int((w + 2 * max_pad) * zoom) - w + 1
-    y = int(torch.randint(0, vh, (), generator=generator))
-    x = int(torch.randint(0, vw, (), generator=generator))
-    return {"y": y, "x": x, "zoom": zoom, "flip": flip, "max_pad": max_pad}
-
-
-def apply_jitter(img, params):
-    """Apply a `sample_jitter` transform to (B, C, H, W) (image or features at image size)."""
-    H, W = img.shape[-2:]
-    pad = params["max_pad"]
-    x = F.pad(img, [pad] * 4, mode="reflect") if pad > 0 else img
-    if params["zoom"] > 1.0:
-        size = (int((H + 2 * pad) * params["zoom"]), int((W + 2 * pad) * params["zoom"]))
-        x = F.interpolate(x, size, mode="bilinear", align_corners=False)
-    x = x[:, :, params["y"]:params["y"] + H, params["x"]:params["x"] + W]
-    return torch.flip(x, [3]) if params["flip"] else x
-
-
-def _backbone_maps(backbone, images, n_expected=2, where="featup_hmr"):
-    """Frozen backbone -> list of channel-normed maps [(B, C_i, h, w)] (no grad)."""
-    with torch.no_grad():
-        feats = backbone.forward_features(images)
-    if len(feats) != n_expected:
-        raise ValueError(f"{where}: backbone.forward_features must return {n_expected} maps (the "
-                         f"two ViT layers; build the backbone with out_indices), got {len(feats)}")
-    return [channel_norm(f) for f in feats]
-
-
-class FeatUpPretrainer(nn.Module):
-    """JBU upsamplers (one per backbone layer) + attention downsamplers + scale nets, trained with
-    FeatUp's multi-view consistency loss against a frozen backbone.
-
-    Args:
-        backbone: module with `forward_features(x) -> [(B, C_i, H/p, W/p)] * 2` and
-            `feature_channels` (frozen here).
-        factor: upsampling factor of the JBU stack (4, 8, 16).
-        patch: backbone stride (16 for ViT); the downsampler reduces image-size maps by `patch`.
-        proj_dim: random projection size of the compared features (30 in FeatUp; None = off).
-    """
-
-    def __init__(self, backbone, factor=16, patch=16, key_dim=32, radius=3, proj_dim=30,
-                 max_pad=20, max_zoom=2.0, n_jitters=5, backbone_name=None):
-        super().__init__()
-        self.backbone = backbone
-        backbone.requires_grad_(False)
-        backbone.eval()
-        dims = list(backbone.feature_channels)[-2:]
-        self.dims, self.factor, self.patch = dims, factor, patch
-        self.key_dim, self.radius, self.proj_dim = key_dim, radius, proj_dim
-        self.max_pad, self.max_zoom, self.n_jitters = max_pad, max_zoom, n_jitters
-        self.backbone_name = backbone_name
-        self.upsamplers = nn.ModuleList(JBUStack(c, factor, key_dim, radius) for c in dims)
-        self.downsamplers = nn.ModuleList(AttentionDownsampler(c, patch) for c in dims)
-        self.scale_nets = nn.ModuleList(ScaleNet(c) for c in dims)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.backbone.eval()                      # frozen backbone: always eval
-        return self
-
-    def trainable_parameters(self):
-        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
-
-    def config(self):
-        return {"factor": self.factor, "feat_dims": list(self.dims), "key_dim": self.key_dim,
-                "radius": self.radius, "patch": self.patch, "backbone": self.backbone_name,
-                "channel_norm": True}
-
-    def consistency_loss(self, images, jitters=None, generator=None, projections=None):
-        """FeatUp's multi-view reconstruction loss.
-
-        Args:
-            images: (B, 3, H, W) ImageNet-normalised, H and W multiples of `patch`.
-            jitters: optional list of `sample_jitter` dicts (else n_jitters random ones).
-            generator: torch.Generator for the jitters and random projections (reproducible eval).
-            projections: optional list (per jitter) of lists (per layer) of (B, C, proj_dim).
-        Returns:
-            (loss scalar, logs dict with "rec_mse" = mean squared error of the projected features).
-        """
-        B, _, H, W = images.shape
-        lr_feats = _backbone_maps(self.backbone, images, where="featup_hmr.FeatUpPretrainer")
-        hr_feats = []
-        for up, f in zip(self.upsamplers, lr_feats):
-            hr = up(f, images)                                            # (B, C, r*h, r*w)
-            if hr.shape[-2:] != (H, W):                                   # x4/x8: back to image size
-                hr = F.interpolate(hr, (H, W), mode="bilinear", align_corners=False)
-            hr_feats.append(hr)
-        if jitters is None:
-            jitters = [sample_jitter(H, W, self.max_pad, self.max_zoom, generator=generator)
-                       for _ in range(self.n_jitters)]
-        total, mse_sum = 0.0, 0.0
-        for j, params in enumerate(jitters):
-            lr_jit = _backbone_maps(self.backbone, apply_jitter(images, params))
-            for l, (hr, lrj) in enumerate(zip(hr_feats, lr_jit)):
-                down = self.downsamplers[l](apply_jitter(hr, params))         # (B, C, h, w)
-                if projections is not None:
-                    proj = projections[j][l]
-                elif self.proj_dim is not None and self.proj_dim < lrj.shape[1]:
-                    proj = torch.randn(B, lrj.shape[1], self.proj_dim, generator=generator)
-                    proj = (proj / proj.norm(dim=1, keepdim=True)).to(lrj)
-                else:
-                    proj = None
-                if proj is not None:
-                    down_p = torch.einsum("bchw,bcd->bdhw", down, proj)
-                    lrj_p = torch.einsum("bchw,bcd->bdhw", lrj, proj)
-                else:
-                    down_p, lrj_p = down, lrj
-                mse = (down_p - lrj_p).square()                               # (B, d, h, w)
-                s = self.scale_nets[l](lrj)                                   # (B, 1, h, w)
-                total = total + (mse / (2 * s ** 2) + s.log()).mean()
-                mse_sum += float(mse.detach().mean())
-        n = len(jitters) * len(hr_feats)
-        return total / n, {"rec_mse": mse_sum / n}
-
-
-def save_upsampler_ckpt(path, pretrainer):
-    """torch.save({"config": ..., "state_dict": upsamplers' state dict}) (loads with weights_only)."""
-    torch.save({"config": pretrainer.config(),
-                "state_dict": {k: v.detach().cpu() for k, v in pretrainer.upsamplers.state_dict().items()}},
-               path)
-
-
-def load_upsampler_ckpt(path):
-    """-> (config dict, state dict of an nn.ModuleList of JBUStack, one per layer)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"featup_hmr: {path} is not an upsampler checkpoint "
-                         "(expected keys 'config' and 'state_dict')")
-    return ckpt["config"], ckpt["state_dict"]
-
-
-def pretrain_upsampler(backbone, images, factor=16, steps=100, batch_size=4, lr=1e-3,
-                       n_jitters=5, max_pad=20, max_zoom=2.0, proj_dim=30, patch=16,
-                       warmup_clip_steps=10, seed=0, log_every=0, backbone_name=None,
-                       pretrainer=None, key_dim=32, radius=3):
-    """Train JBU upsamplers with FeatUp's consistency objective (NAdam, lr 1e-3, batch 4).
-
-    Args:
-        backbone: frozen ViT-like module (forward_features -> 2 maps, feature_channels).
-        images: (N, 3, H, W) ImageNet-normalised images (or an iterable of such batches).
-        warmup_clip_steps: FeatUp clips the gradient norm to 1e-4 for its first 10 steps.
-    Returns:
-        (FeatUpPretrainer, list of per-step losses).
-    """
-    g = torch.Generator().manual_seed(seed)
-    if pretrainer is None:
-        pretrainer = FeatUpPretrainer(backbone, factor, patch, key_dim, radius, proj_dim=proj_dim,
-                                      max_pad=max_pad, max_zoom=max_zoom, n_jitters=n_jitters,
-                                      backbone_name=backbone_name)
-    pretrainer.train()
-    params = pretrainer.trainable_parameters()
-    opt = torch.optim.NAdam(params, lr=lr)
-    losses = []
-    N = images.shape[0]
-    for step in range(steps):
-        idx = torch.randint(0, N, (min(batch_size, N),), generator=g)
-        loss, logs = pretrainer.consistency_loss(images[idx], generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if step < warmup_clip_steps:
-            torch.nn.utils.clip_grad_norm_(params, 1e-4)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if log_every and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:5d}  loss {losses[-1]:.4f}  rec_mse {logs['rec_mse']:.4f}", flush=True)
-    return pretrainer, losses
 
 
 # =========================================================================== mean parameters
@@ -916,19 +490,19 @@ class FeatUpHMR(nn.Module):
         return ups + list(feats)
 
     def memory(self, levels):
-        """Maps -> flattened memory (B, S, d), spatial_shapes (L, 2), level_start_index (L,),
-        key position embedding (1, S, d) (DETR sine; dense decoder only, else None)."""
+        """Maps -> flattened memory (B, S, d), spatial shapes [(H_l, W_l)] and level start indices
+        [L] as Python ints (host-side: MSDeformAttn never reads a device tensor back), key
+        position embedding (1, S, d) (DETR sine; dense decoder only, else None)."""
         srcs, shapes, pos = [], [], []
         for l, (x, proj) in enumerate(zip(levels, self.input_proj)):
             x = proj(x)                                               # (B, d, H_l, W_l)
-            h, w = x.shape[-2:]
+            h, w = int(x.shape[-2]), int(x.shape[-1])
             shapes.append((h, w))
             srcs.append(x.flatten(2).transpose(1, 2) + self.level_embed[l])  # (B, d, H_l*W_l) -> (B, H_l*W_l, d)
             if self.cfg.decoder == "dense":                           # keys need positions
                 pos.append(sine_pos_2d(h, w, x.shape[1], x.device, x.dtype))
         memory = torch.cat(srcs, 1)                                   # (B, S, d)
-        shapes = torch.tensor(shapes, dtype=torch.long, device=memory.device)  # (L, 2)
-        start = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+        start = [sum(h * w for h, w in shapes[:l]) for l in range(len(shapes))]  # L ints
         return memory, shapes, start, (torch.cat(pos, 0)[None] if pos else None)
 
     def decode(self, memory, shapes, start, mem_pos, pose6, betas, cam):
@@ -1051,6 +625,22 @@ def build_featup_hmr(preset="tiny", backbone=None, body_model=None, topology=Non
     return FeatUpHMR(cfg, backbone, topology, body_model)
 
 
+def restore_overrides(overrides):
+    """Config overrides of a trained model -> the overrides that rebuild it for its own checkpoint.
+
+    The files read at construction are not needed then: the upsamplers' weights from
+    `upsampler_ckpt` and the mean parameters from `mean_params_path` (persistent buffers) are in
+    the checkpoint's state dict. Drops both and keeps the freezing the file implied, so evaluation,
+    the demo and fine-tuning rebuild the same model without the files (train.py's checkpoint loader).
+    """
+    out = dict(overrides or {})
+    if out.get("upsampler_ckpt") and out.get("freeze_upsampler") is None:
+        out["freeze_upsampler"] = True                               # what the file implied
+    out.pop("upsampler_ckpt", None)
+    out.pop("mean_params_path", None)
+    return out
+
+
 def count_parameters(module, trainable_only=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
@@ -1165,83 +755,32 @@ def _smoke():
                   f"{(total - bb) / 1e6:.1f}M, upsamplers {count_parameters(model.upsamplers) / 1e6:.2f}M)  {note}")
 
 
-def _load_images(path, size):
-    """A folder of JPEG/PNG images (PIL, resized to size (H, W)) or a .pt tensor (N,3,H,W) in
-    [0, 1] (float) or uint8 -> (N, 3, H, W) ImageNet-normalised float32."""
-    import pathlib
-    p = pathlib.Path(path)
-    if p.is_file() and p.suffix == ".pt":
-        imgs = torch.load(p, map_location="cpu", weights_only=True)
-        imgs = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
-        if imgs.shape[-2:] != tuple(size):
-            imgs = F.interpolate(imgs, size, mode="bilinear", align_corners=False)
-    else:
-        from PIL import Image
-        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        if not files:
-            raise SystemExit(f"featup_hmr: no .jpg/.png images under {path}")
-        arrs = []
-        for f in files:
-            im = Image.open(f).convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-            t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            arrs.append(t.reshape(size[0], size[1], 3).permute(2, 0, 1).float() / 255.0)  # (H, W, 3) -> (3, H, W)
-        imgs = torch.stack(arrs)
-    mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
-    return (imgs - mean) / std
-
-
 def _pretrain_cli(argv):
+    """`pretrain-upsampler`: featup.py's `pretrain` with a preset's layers, factor, window, key size
+    and input size as defaults (--preset, default by --backbone), so the file loads into that preset."""
     import argparse
-    ap = argparse.ArgumentParser(prog="featup_hmr.py pretrain-upsampler",
-                                 description="FeatUp JBU pre-training (multi-view consistency, frozen ViT)")
-    ap.add_argument("--images", required=True, help="folder of .jpg/.png or a .pt (N,3,H,W) tensor")
-    ap.add_argument("--backbone", default="vit_tiny", help="backbones.build_backbone name")
-    ap.add_argument("--backbone-weights", default=None, help="pretrained ViTPose weights")
-    ap.add_argument("--preset", default=None, help="FeatUpHMR preset whose layers / factor / "
-                    "radius / key_dim / input size are the defaults (default: by backbone: "
-                    "vit_h -> vit_h, vit_b -> vit_b, vit_tiny -> tiny)")
-    ap.add_argument("--layers", type=int, nargs=2, default=None, help="1-based ViT layers")
-    ap.add_argument("--factor", type=int, default=None, choices=[2, 4, 8, 16])
-    ap.add_argument("--radius", type=int, default=None, help="JBU window radius (FeatUp: 3)")
-    ap.add_argument("--key-dim", type=int, default=None, help="JBU range key size (FeatUp: 32)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--n-jitters", type=int, default=5)
-    ap.add_argument("--max-pad", type=int, default=20)
-    ap.add_argument("--max-zoom", type=float, default=2.0)
-    ap.add_argument("--proj-dim", type=int, default=30)
-    ap.add_argument("--warmup-clip-steps", type=int, default=10)
-    ap.add_argument("--input-size", type=int, nargs=2, default=None, metavar=("H", "W"))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from backbones import build_backbone
-    preset = PRESETS[args.preset or {"vit_h": "vit_h", "vit_b": "vit_b", "vit_tiny": "tiny"}.get(
-        args.backbone, "vit_h")]
-    layers = tuple(args.layers or preset.feature_layers)
-    factor = args.factor or preset.upsample_factor
-    radius = preset.jbu_radius if args.radius is None else args.radius
-    key_dim = args.key_dim or preset.jbu_key_dim
-    size = tuple(args.input_size or preset.input_size)
-    backbone = build_backbone(args.backbone, pretrained=args.backbone_weights, out_indices=layers)
-    images = _load_images(args.images, size)
-    print(f"{images.shape[0]} images {tuple(images.shape[-2:])}, backbone {args.backbone} layers "
-          f"{list(layers)}, factor {factor}, window {2 * radius + 1}x{2 * radius + 1}", flush=True)
-    pre, losses = pretrain_upsampler(backbone, images, factor, args.steps, args.batch_size, args.lr,
-                                     args.n_jitters, args.max_pad, args.max_zoom, args.proj_dim,
-                                     warmup_clip_steps=args.warmup_clip_steps, seed=args.seed,
-                                     log_every=max(1, args.steps // 20), backbone_name=args.backbone,
-                                     key_dim=key_dim, radius=radius)
-    save_upsampler_ckpt(args.out, pre)
-    print(f"saved {args.out}  (first loss {losses[0]:.4f}, last {losses[-1]:.4f}); use it with "
-          f"upsampler_ckpt={args.out!r}, upsample_factor={factor}, jbu_radius={radius}, "
-          f"jbu_key_dim={key_dim}")
-    return losses
+    import featup
+    ap = argparse.ArgumentParser(prog="featup_hmr.py pretrain-upsampler", add_help=False)
+    ap.add_argument("--backbone", default="vit_tiny")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--layers", type=int, nargs=2, default=None)
+    ap.add_argument("--factor", type=int, default=None)
+    ap.add_argument("--radius", type=int, default=None)
+    ap.add_argument("--key-dim", type=int, default=None)
+    ap.add_argument("--input-size", type=int, nargs=2, default=None)
+    known, rest = ap.parse_known_args(argv)
+    preset = known.preset or {"vit_h": "vit_h", "vit_b": "vit_b", "vit_tiny": "tiny"}.get(known.backbone, "vit_h")
+    if preset not in PRESETS:
+        raise SystemExit(f"featup_hmr.py pretrain-upsampler: unknown --preset {preset!r}; choose one of "
+                         f"{sorted(PRESETS)}")
+    cfg = PRESETS[preset]
+    layers = known.layers or cfg.feature_layers
+    size = known.input_size or cfg.input_size
+    args = ["--backbone", known.backbone, "--layers", *map(str, layers),
+            "--factor", str(known.factor or cfg.upsample_factor),
+            "--radius", str(cfg.jbu_radius if known.radius is None else known.radius),
+            "--key-dim", str(known.key_dim or cfg.jbu_key_dim), "--input-size", *map(str, size)]
+    return featup.main(args + rest)
 
 
 if __name__ == "__main__":

@@ -464,8 +464,12 @@ def load_model_from_checkpoint(path, device, body=None, h36m_regressor=None):
     ck = load_checkpoint(path, required=("model", "config"))
     cfg = ck["config"]
     body_model = build_body(body or cfg.get("body"), h36m_regressor or cfg.get("h36m_regressor")).to(device)
+    overrides = parse_overrides(cfg.get("set"))
+    restore = getattr(model_module(cfg["model"]), "restore_overrides", None)
+    if restore is not None:                  # files read at construction whose contents the state dict holds
+        overrides = restore(overrides)
     model, model_cfg = build_model(cfg["model"], cfg["preset"], body_model,
-                                   overrides=parse_overrides(cfg.get("set")), device=device)
+                                   overrides=overrides, device=device)
     model.load_state_dict(ck["model"])
     model.eval()
     return model, body_model, cfg

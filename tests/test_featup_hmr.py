@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import featup
 import featup_hmr as fh
 
 
@@ -99,58 +100,6 @@ def make_targets(body, topology, B, seed=0):
             "pose": pose, "betas": betas, "epoch": 0.0}
 
 
-# ----------------------------------------------------------------------------- JBU
-@pytest.mark.parametrize("factor", [4, 8, 16])
-def test_jbu_output_shape(factor):
-    torch.manual_seed(0)
-    up = fh.JBUStack(8, factor, key_dim=8)
-    src, img = torch.randn(2, 8, 4, 3), torch.randn(2, 3, 64, 48)
-    out = up(src, img)
-    assert out.shape == (2, 8, 4 * factor, 3 * factor)
-    assert torch.isfinite(out).all()
-    assert len(up.stages) == int(math.log2(factor))
-    assert fh.BilinearUpsampler(factor)(src, img).shape == out.shape
-
-
-def _spatial_only(src, sigma, radius, n_stages):
-    """Reference: per x2 stage, bicubic upsample + reflect pad + normalised Gaussian filter."""
-    D = 2 * radius + 1
-    t = torch.linspace(-1, 1, D)
-    k = torch.exp(-(t[:, None] ** 2 + t[None, :] ** 2) / (2 * sigma ** 2))
-    k = (k / k.sum()).expand(src.shape[1], 1, D, D)
-    x = src
-    for _ in range(n_stages):
-        x = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
-        x = F.conv2d(F.pad(x, [radius] * 4, mode="reflect"), k, groups=x.shape[1])
-    return x
-
-
-def test_jbu_constant_guidance_reduces_to_spatial_filter():
-    torch.manual_seed(0)
-    up = fh.JBUStack(6, 4, key_dim=8, radius=3).eval()
-    with torch.no_grad():                  # no fix-ups, a non-trivial spatial sigma
-        for st in up.stages:
-            nn.init.zeros_(st.fixup_proj[3].weight)
-            nn.init.zeros_(st.fixup_proj[3].bias)
-            st.sigma_spatial.fill_(0.6)
-        nn.init.zeros_(up.fixup_proj[1].weight)
-        nn.init.zeros_(up.fixup_proj[1].bias)
-    src = torch.randn(2, 6, 5, 4)
-    ref = _spatial_only(src, 0.6, 3, 2)
-    const = torch.tensor([0.3, -1.0, 2.0]).reshape(1, 3, 1, 1).expand(2, 3, 20, 16)
-    out = up(src, const)
-    assert out.shape == ref.shape == (2, 6, 20, 16)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    # A structured guidance image changes the result (edge-aware) ...
-    img = torch.randn(2, 3, 20, 16) * 3
-    assert (up(src, img) - ref).abs().max() > 1e-3
-    # ... unless the range kernel is made wide (temperature -> its floor 1e-4): spatial-only again.
-    with torch.no_grad():
-        for st in up.stages:
-            st.range_temp.fill_(-20.0)
-    torch.testing.assert_close(up(src, img), ref, atol=2e-3, rtol=1e-3)
-
-
 # ----------------------------------------------------------------------------- rotations
 def test_rot6d_gives_rotations():
     x = torch.randn(1000, 6, dtype=torch.float64)
@@ -222,32 +171,15 @@ def test_variants_shapes_and_errors(icosphere_topology):
         make_model(icosphere_topology, upsampler="carafe")
 
 
-# ----------------------------------------------------------------------------- pre-training
-def test_upsampler_pretraining_lowers_consistency_loss(icosphere_topology, tmp_path):
+# ----------------------------------------------------------------------------- FeatUp checkpoint
+def test_model_loads_and_freezes_a_pretrained_upsampler(icosphere_topology, tmp_path):
     torch.manual_seed(0)
     vit = TinyViT()
-    images = smooth_images(8, seed=1)
-    pre = fh.FeatUpPretrainer(vit, factor=4, key_dim=8, radius=2, proj_dim=None, max_pad=4,
-                              n_jitters=2, backbone_name="tiny_test")
-    g = torch.Generator().manual_seed(5)
-    jitters = [fh.sample_jitter(64, 48, 4, 2.0, generator=g) for _ in range(4)]
-
-    def eval_loss():
-        pre.eval()
-        with torch.no_grad():
-            return pre.consistency_loss(images, jitters=jitters)
-
-    before, logs_before = eval_loss()
-    pre, losses = fh.pretrain_upsampler(vit, images, factor=4, steps=12, batch_size=4, lr=3e-3,
-                                        n_jitters=2, max_pad=4, proj_dim=None, warmup_clip_steps=0,
-                                        pretrainer=pre)
-    after, logs_after = eval_loss()
-    assert float(after) < float(before) - 0.05 * abs(float(before))
-    assert all(p.grad is None for p in vit.parameters())
-
-    # checkpoint round trip: the HMR model loads it (and freezes the upsamplers)
+    pre, _ = featup.pretrain_upsampler(vit, smooth_images(4, seed=1), factor=4, steps=2, batch_size=2,
+                                       n_jitters=1, max_pad=4, proj_dim=None, key_dim=8, radius=2,
+                                       warmup_clip_steps=0)
     path = tmp_path / "jbu.pt"
-    fh.save_upsampler_ckpt(path, pre)
+    featup.save_upsampler_ckpt(path, pre)
     model = fh.FeatUpHMR(tiny_cfg(jbu_radius=2, upsampler_ckpt=str(path)), vit, icosphere_topology,
                          LinearBody(icosphere_topology))
     for a, b in zip(model.upsamplers.state_dict().values(), pre.upsamplers.state_dict().values()):
@@ -256,6 +188,15 @@ def test_upsampler_pretraining_lowers_consistency_loss(icosphere_topology, tmp_p
     with pytest.raises(ValueError, match="factor"):
         fh.FeatUpHMR(tiny_cfg(jbu_radius=2, upsample_factor=8, upsampler_ckpt=str(path)), vit,
                      icosphere_topology, LinearBody(icosphere_topology))
+    # rebuilt from its own state dict without the file: same weights, same freezing, same output
+    over = fh.restore_overrides({"jbu_radius": 2, "upsampler_ckpt": str(path), "mean_params_path": "gone.pt"})
+    assert over == {"jbu_radius": 2, "freeze_upsampler": True}
+    path.unlink()
+    again = fh.FeatUpHMR(tiny_cfg(**over), TinyViT(seed=1), icosphere_topology, LinearBody(icosphere_topology))
+    again.load_state_dict(model.state_dict())
+    assert not any(p.requires_grad for p in again.upsamplers.parameters())
+    x = smooth_images(2)
+    torch.testing.assert_close(again.eval()(x)["vertices"], model.eval()(x)["vertices"])
 
 
 # ----------------------------------------------------------------------------- overfitting
@@ -282,29 +223,6 @@ def test_tiny_preset_with_repository_backbone(icosphere_topology):
     out = model(torch.randn(2, 3, *cfg.input_size))
     assert out["joints"].shape == (2, 14, 3)
     assert len(model.feature_levels(torch.randn(1, 3, *cfg.input_size))) == cfg.num_levels
-
-
-def test_window_ops_match_unfold_reference():
-    """The tap loop equals an unfold-based window (row-major taps p = ky*D + kx)."""
-    torch.manual_seed(0)
-    r, D = 2, 5
-    padded = torch.randn(2, 5, 7 + 2 * r, 6 + 2 * r, dtype=torch.float64)
-    cols = F.unfold(padded, D).view(2, 5, D * D, 7, 6)           # (B, C, D*D, H, W)
-    kernel = torch.randn(2, D * D, 7, 6, dtype=torch.float64)
-    torch.testing.assert_close(fh._window_sum(padded, kernel, r, "filter"),
-                               (cols * kernel[:, None]).sum(2))
-    centre = torch.randn(2, 5, 7, 6, dtype=torch.float64)
-    torch.testing.assert_close(fh._window_sum(padded, centre, r, "dot"),
-                               (cols * centre[:, :, None]).sum(1))
-    # hand-written backward passes: gradcheck (float64)
-    pad_s = torch.randn(1, 2, 4 + 2 * r, 3 + 2 * r, dtype=torch.float64, requires_grad=True)
-    k_s = torch.randn(1, D * D, 4, 3, dtype=torch.float64, requires_grad=True)
-    c_s = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: fh._window_sum(a, b, r, "filter"), (pad_s, k_s))
-    assert torch.autograd.gradcheck(lambda a, b: fh._window_sum(a, b, r, "dot"), (pad_s, c_s))
-    # the centre tap of the "dot" op is <k_x, k_x>
-    torch.testing.assert_close(fh._window_sum(padded[:, :, :, :], padded[:, :, r:-r, r:-r], r, "dot")[:, D * D // 2],
-                               padded[:, :, r:-r, r:-r].square().sum(1))
 
 
 def test_pretrain_cli_writes_loadable_checkpoint(tmp_path, icosphere_topology):
@@ -345,3 +263,32 @@ def test_tiny_preset_trains_with_toy_body():
     loss, logs = model.loss(out, targets)
     loss.backward()
     assert math.isfinite(logs["loss"]) and model.dec_pose.weight.grad is not None
+
+
+def test_trained_model_evaluates_with_the_upsampler_file_gone(tmp_path):
+    """train.py --set upsampler_ckpt=FILE, then FILE is moved away: evaluate.py (and the demo's
+    loader) rebuild the model from the checkpoint alone, with the same weights and freezing."""
+    pytest.importorskip("backbones")
+    import data
+    import evaluate
+    import train
+    data.generate_synthetic(tmp_path / "synth", 4, split="train", seed=0, size=64)
+    jbu = tmp_path / "jbu.pt"
+    featup.main(["--images", str(tmp_path / "synth" / "images" / "train"), "--backbone", "vit_tiny",
+                 "--layers", "2", "4", "--factor", "2", "--out", str(jbu), "--steps", "1",
+                 "--batch-size", "2", "--n-jitters", "1", "--max-pad", "4", "--workers", "0"])
+    run = tmp_path / "run"
+    train.train(train.parse_args([
+        "--model", "featup_hmr", "--preset", "tiny", "--train", str(tmp_path / "synth" / "train.npz"),
+        "--out", str(run), "--steps", "1", "--batch-size", "2", "--workers", "0", "--no-progress",
+        "--device", "cpu", "--set", f"upsampler_ckpt={jbu}"]))
+    trained = train.load_checkpoint(run / "last.pt")["model"]
+    jbu.rename(tmp_path / "moved.pt")
+    model, _, _ = train.load_model_from_checkpoint(run / "last.pt", "cpu")
+    assert not any(p.requires_grad for p in model.upsamplers.parameters())
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, trained[k])
+    res = evaluate.main(["--ckpt", str(run / "last.pt"), "--data", str(tmp_path / "synth" / "train.npz"),
+                         "--workers", "0", "--device", "cpu", "--batch-size", "2",
+                         "--out", str(tmp_path / "eval.json")])
+    assert math.isfinite(res["model"]["mpjpe"])
