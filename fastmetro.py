@@ -153,7 +153,7 @@ ATTENTION_IMPL = "sdpa"          # "sdpa" (fused) or "math" (explicit matmuls, f
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _check_topology(topology, where="fastmetro.py"):
+def check_topology(topology, where="fastmetro.py"):
     need = ["num_vertices", "faces", "up_index", "up_weight", "down_index", "joint_regressor",
             "h36m_regressor"]
     missing = [k for k in need if k not in topology]
@@ -494,6 +494,32 @@ def normal_loss(pred, gt, faces, has_smpl):
     return cos.mean()
 
 
+def register_mesh_buffers(module, topology):
+    """Non-persistent buffers on `module` (FastMETRO, TORE): up/down maps, regressors, faces and
+    edges for the loss, from a TOPOLOGY dict."""
+    buf = lambda n, t: module.register_buffer(n, torch.as_tensor(t).clone(), persistent=False)
+    buf("up_index_0", topology["up_index"][0].long())
+    buf("up_weight_0", topology["up_weight"][0].float())
+    buf("up_index_1", topology["up_index"][1].long())
+    buf("up_weight_1", topology["up_weight"][1].float())
+    buf("down_index_0", topology["down_index"][0].long())
+    buf("down_index_1", topology["down_index"][1].long())
+    buf("joint_regressor", topology["joint_regressor"][0].float())                 # (J, V0)
+    buf("pelvis_regressor", topology["h36m_regressor"][H36M_PELVIS].float())       # (V0,)
+    buf("faces_0", torch.as_tensor(topology["faces"][0]).long())
+    buf("faces_1", torch.as_tensor(topology["faces"][1]).long())
+    buf("edges_1", mesh_edges(topology["faces"][1]))
+
+
+def gt_mesh_levels(module, gt_v0):
+    """GT full mesh (B, V0, 3) -> H36M-pelvis-centred meshes at levels 0, 1, 2, with the buffers
+    `register_mesh_buffers` put on `module` (down_index_0/1, pelvis_regressor)."""
+    gt_v1 = gt_v0[:, module.down_index_0]                                 # (B, V1, 3)
+    gt_v2 = gt_v1[:, module.down_index_1]                                 # (B, V2, 3)
+    pelvis = torch.einsum("v,bvc->bc", module.pelvis_regressor, gt_v0)[:, None]   # (B, 1, 3)
+    return gt_v0 - pelvis, gt_v1 - pelvis, gt_v2 - pelvis
+
+
 def check_targets(targets, B, J, V0, where):
     shapes = {"joints3d": (B, J, 4), "joints2d": (B, J, 3), "vertices": (B, V0, 3), "has_smpl": (B,),
               "has_3d": (B,)}
@@ -510,7 +536,7 @@ class FastMETRO(nn.Module):
 
     def __init__(self, cfg: FastMETROConfig, backbone: nn.Module, topology: dict):
         super().__init__()
-        nv = _check_topology(topology)
+        nv = check_topology(topology)
         self.cfg = cfg
         self.backbone = backbone
         J = int(topology["joint_regressor"][0].shape[0])
@@ -548,22 +574,7 @@ class FastMETRO(nn.Module):
         mask = torch.zeros(J + V2, J + V2, dtype=torch.bool)
         mask[J:, J:] = ~adj
         self.register_buffer("attention_mask", mask, persistent=False)
-        self._register_mesh_buffers(topology)
-
-    def _register_mesh_buffers(self, topology):
-        """Non-persistent buffers: up/down maps, regressors, faces and edges for the loss."""
-        buf = lambda n, t: self.register_buffer(n, torch.as_tensor(t).clone(), persistent=False)
-        buf("up_index_0", topology["up_index"][0].long())
-        buf("up_weight_0", topology["up_weight"][0].float())
-        buf("up_index_1", topology["up_index"][1].long())
-        buf("up_weight_1", topology["up_weight"][1].float())
-        buf("down_index_0", topology["down_index"][0].long())
-        buf("down_index_1", topology["down_index"][1].long())
-        buf("joint_regressor", topology["joint_regressor"][0].float())                 # (J, V0)
-        buf("pelvis_regressor", topology["h36m_regressor"][H36M_PELVIS].float())       # (V0,)
-        buf("faces_0", torch.as_tensor(topology["faces"][0]).long())
-        buf("faces_1", torch.as_tensor(topology["faces"][1]).long())
-        buf("edges_1", mesh_edges(topology["faces"][1]))
+        register_mesh_buffers(self, topology)
 
     # --------------------------------------------------------------------- forward
     def image_tokens(self, features):
@@ -617,13 +628,6 @@ class FastMETRO(nn.Module):
         return self.forward_head(self.backbone(images))
 
     # --------------------------------------------------------------------- loss
-    def _gt_levels(self, gt_v0):
-        """GT full mesh (B, V0, 3) -> H36M-pelvis-centred meshes at levels 0, 1, 2 and the pelvis."""
-        gt_v1 = gt_v0[:, self.down_index_0]                                   # (B, V1, 3)
-        gt_v2 = gt_v1[:, self.down_index_1]                                   # (B, V2, 3)
-        pelvis = torch.einsum("v,bvc->bc", self.pelvis_regressor, gt_v0)[:, None]   # (B, 1, 3)
-        return gt_v0 - pelvis, gt_v1 - pelvis, gt_v2 - pelvis
-
     def loss(self, out, targets):
         """Official FastMETRO training loss.
 
@@ -636,7 +640,7 @@ class FastMETRO(nn.Module):
         B = out["vertices"].shape[0]
         check_targets(targets, B, self.num_joints, self.num_vertices_levels[0], "fastmetro.py loss")
         has_smpl, has_3d = targets["has_smpl"], targets["has_3d"]
-        gt_v0, gt_v1, gt_v2 = self._gt_levels(targets["vertices"])
+        gt_v0, gt_v1, gt_v2 = gt_mesh_levels(self, targets["vertices"])
 
         v0, v1, v2 = out["vertices"], out["vertices_intermediate"], out["vertices_coarse"]
         joints_mesh = torch.einsum("jv,bvc->bjc", self.joint_regressor, v0)   # (B, J, 3)

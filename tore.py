@@ -6,9 +6,11 @@ Official code: https://github.com/Frank-ZY-Dou/TORE (FastMETRO variant: the mode
 tore/modeling_fm/bert/modeling_metro.py, the loss in tore/tools/run_tore_fm_bodymesh.py; read for
 facts, no code copied).
 
-Depends on fastmetro.py (TORE is a modification of FastMETRO: same transformer, positional
-encoding, camera, loss terms); copy both files together. Importing it avoids duplicating ~300
-lines of transformer and loss code.
+Needs fastmetro.py (TORE is a modification of FastMETRO: same transformer, positional
+encoding, camera, loss terms): it uses fastmetro's public Transformer, PositionEmbeddingSine,
+check_topology, mesh_adjacency, register_mesh_buffers, upsample_mesh, gt_mesh_levels, the loss
+terms and convert_official_state_dict; copy both files together (and fastmetro.py's own needs).
+Importing it avoids duplicating ~300 lines of transformer and loss code.
 
 What this file implements
 - Geometry Token Reduction (GTR, `use_gtr`): only the J body (joint) tokens go through the two main
@@ -145,7 +147,7 @@ class TORE(nn.Module):
 
     def __init__(self, cfg: TOREConfig, backbone: nn.Module, topology: dict):
         super().__init__()
-        nv = fm._check_topology(topology, "tore.py")
+        nv = fm.check_topology(topology, "tore.py")
         self.cfg = cfg
         self.backbone = backbone
         J = int(topology["joint_regressor"][0].shape[0])
@@ -198,7 +200,7 @@ class TORE(nn.Module):
             mask = torch.zeros(J + V2, J + V2, dtype=torch.bool)
             mask[J:, J:] = ~adj
             self.register_buffer("attention_mask", mask, persistent=False)          # (J+V2, J+V2)
-        fm.FastMETRO._register_mesh_buffers(self, topology)
+        fm.register_mesh_buffers(self, topology)
 
     # --------------------------------------------------------------------- forward
     def image_tokens(self, features):
@@ -285,7 +287,7 @@ class TORE(nn.Module):
         B = out["vertices"].shape[0]
         fm.check_targets(targets, B, self.num_joints, self.num_vertices_levels[0], "tore.py loss")
         has_smpl, has_3d = targets["has_smpl"], targets["has_3d"]
-        gt_v0, gt_v1, gt_v2 = fm.FastMETRO._gt_levels(self, targets["vertices"])
+        gt_v0, gt_v1, gt_v2 = fm.gt_mesh_levels(self, targets["vertices"])
         v0, v1, v2, cam = out["vertices"], out["vertices_intermediate"], out["vertices_coarse"], out["cam"]
         joints_mesh = torch.einsum("jv,bvc->bjc", self.joint_regressor, v0)    # (B, J, 3), not centred
         joints_tok = out["joints"]
