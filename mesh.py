@@ -929,17 +929,10 @@ def surface_error(h: MeshHierarchy, level: int) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    import sys
-
-    if "--toy" in sys.argv:
-        from body import toy_body_path, load_smpl_pickle  # noqa: E402
-
-        path = toy_body_path()
-        data = load_smpl_pickle(path)
-        verts, fcs, name = np.asarray(data["v_template"]), np.asarray(data["f"]), str(path)
-    else:
-        verts, fcs = icosphere(4)
-        verts, name = verts * 0.5, "icosphere(4), radius 0.5 m"
+    # An icosphere: this file stands alone (body.py imports mesh.py, never the reverse);
+    # `python body.py` prints the hierarchy of the toy body.
+    verts, fcs = icosphere(4)
+    verts, name = verts * 0.5, "icosphere(4), radius 0.5 m"
     t0 = time.perf_counter()
     hier = build_hierarchy(verts, fcs)
     dt = time.perf_counter() - t0
