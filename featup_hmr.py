@@ -149,10 +149,11 @@ def weak_perspective_project(points, cam):
 
 
 def sine_pos_2d(h, w, dim, device=None, dtype=torch.float32):
-    """DETR sine position embedding (normalised, scale 2*pi, temperature 1e4) -> (h*w, dim)."""
+    """DETR sine position embedding (normalised with DETR's eps 1e-6, scale 2*pi, temperature 1e4)
+    -> (h*w, dim); the same as fastmetro.PositionEmbeddingSine(dim // 2) (tests/test_copies.py)."""
     npf = dim // 2
-    y = (torch.arange(h, device=device, dtype=dtype) + 1) / h * 2 * math.pi
-    x = (torch.arange(w, device=device, dtype=dtype) + 1) / w * 2 * math.pi
+    y = (torch.arange(h, device=device, dtype=dtype) + 1) / (h + 1e-6) * 2 * math.pi
+    x = (torch.arange(w, device=device, dtype=dtype) + 1) / (w + 1e-6) * 2 * math.pi
     t = 10000 ** (2 * (torch.arange(npf, device=device, dtype=dtype) // 2) / npf)  # (npf,)
     py, px = y[:, None] / t, x[:, None] / t                           # (h, npf), (w, npf)
     py = torch.stack([py[:, 0::2].sin(), py[:, 1::2].cos()], -1).flatten(1)  # (h, npf/2, 2) -> (h, npf)

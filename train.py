@@ -77,7 +77,7 @@ def build_model(name, preset, body_model, pretrained_backbone=None, overrides=No
     return model.to(device), cfg
 
 
-def build_body(args_body=None, h36m_regressor=None, gender="neutral"):
+def build_body(args_body=None, h36m_regressor=None):
     return body_lib.BodyModel(model_path=args_body, h36m_regressor_path=h36m_regressor)
 
 
@@ -773,7 +773,7 @@ def train(args, status=None):
             targets = make_targets(batch, body_model, device, epoch + pos / max(1, len(sampler.inner)))
             images = batch["img"].to(device, non_blocking=True)
             sync = (micro + 1) % args.accum == 0
-            ctx = ddp_model.no_sync() if (world > 1 and not sync) else _nullcontext()
+            ctx = ddp_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     outputs = ddp_model(images)
@@ -871,14 +871,6 @@ def train(args, status=None):
         dist.barrier()
         dist.destroy_process_group()
     return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main(argv=None):
