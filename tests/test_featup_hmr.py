@@ -55,7 +55,7 @@ class LinearBody(nn.Module):
 
     def forward(self, betas, pose):
         B = betas.shape[0]
-        eye = torch.eye(3, dtype=pose.dtype)
+        eye = torch.eye(3, dtype=pose.dtype, device=pose.device)
         d = (pose - eye).reshape(B, -1) @ self.pose_dirs + betas @ self.shape_dirs
         v = self.v_template + d.reshape(B, -1, 3)
         return {"vertices": v, "joints": self.J @ v}
