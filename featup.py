@@ -37,7 +37,8 @@ Departures from the official code (and why)
   config; they need a dense CRF sampler and do not change the consistency objective).
 - Jitter parameters come from a torch.Generator (reproducible) instead of Python's `random`;
   the pad / zoom / crop / flip arithmetic is FeatUp's, zoom by `F.interpolate(scale_factor=...)`.
-- Two maps (two layers of one backbone) are trained together, one upsampler each.
+- Two maps (two layers of one backbone) are trained together, one upsampler each. FeatUp clips
+  the gradient norm to 1e-4 for its first 10 steps: kept (`warmup_clip_steps`).
 """
 import math
 
