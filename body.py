@@ -304,8 +304,42 @@ def load_smpl_pickle(path, validate=True):
     return validate_smpl_arrays(data, path) if validate else data
 
 
-def load_h36m_regressor(path, num_vertices):
-    """Load a (17, V) H36M joint regressor .npy (e.g. J_regressor_h36m_correct.npy)."""
+H36M_ORDERINGS = {
+    # name -> (rows 1-3 side, rows 4-6 side); sides in SMPL's rest frame (subject's left at +x).
+    "metro": "rows 1-3 = right hip/knee/ankle, rows 4-6 = left (J_regressor_h36m_correct.npy of "
+             "METRO/FastMETRO, used with H36M_TO_LSP)",
+    "spin": "rows 1-3 = left hip/knee/ankle, rows 4-6 = right (J_regressor_h36m.npy of SPIN/GraphCMR, "
+            "used with SPIN's H36M_TO_J14)",
+}
+_H36M_SWAP = [0, 4, 5, 6, 1, 2, 3] + list(range(7, 17))   # the SPIN file's rows -> METRO's order
+
+
+def h36m_regressor_ordering(reg, template, path="<regressor>"):
+    """'metro' or 'spin': which leg rows of a (17, V) H36M regressor are the right leg, judged on
+    the body's rest template (V, 3) in SMPL's frame (subject's right at x < 0). Raises ValueError
+    naming the file and both known orderings when the geometry fits neither (arms are checked too:
+    rows 11-13 left arm, 14-16 right arm in both files)."""
+    x = (np.asarray(reg, dtype=np.float64) @ np.asarray(template, dtype=np.float64))[:, 0]   # (17,)
+    right_first = bool((x[1:4] < 0).all() and (x[4:7] > 0).all())
+    left_first = bool((x[1:4] > 0).all() and (x[4:7] < 0).all())
+    arms_ok = bool((x[11:14] > 0).all() and (x[14:17] < 0).all())
+    if arms_ok and right_first:
+        return "metro"
+    if arms_ok and left_first:
+        return "spin"
+    raise ValueError(f"{path}: cannot tell which H36M joint ordering this regressor has: on the body "
+                     f"template the joints' x (subject's left > 0) are rows 1-6 {np.round(x[1:7], 3).tolist()}, "
+                     f"arms 11-16 {np.round(x[11:17], 3).tolist()}. Known orderings: "
+                     f"metro: {H36M_ORDERINGS['metro']}; spin: {H36M_ORDERINGS['spin']}. Is it the "
+                     "regressor of this body model?")
+
+
+def load_h36m_regressor(path, num_vertices, template=None, return_ordering=False):
+    """Load a (17, V) H36M joint regressor .npy (e.g. J_regressor_h36m_correct.npy), checked:
+    finite, no empty (all-zero) row. With `template` (V, 3) its leg ordering is detected
+    (`h36m_regressor_ordering`); a SPIN-ordered file (J_regressor_h36m.npy) is returned with its
+    rows put in METRO's order, so H36M_TO_LSP gives the right joints (SPIN's own joint map does
+    the same). Returns the (17, V) float32 array (and the detected ordering)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"H36M regressor not found: {path} (expected a (17, "
@@ -317,7 +351,22 @@ def load_h36m_regressor(path, num_vertices):
     if reg.shape != (17, num_vertices):
         raise ValueError(f"{path}: H36M regressor has shape {reg.shape}, expected (17, "
                          f"{num_vertices})")
-    return reg.astype(np.float32)
+    reg = reg.astype(np.float64)
+    bad = np.nonzero(~np.isfinite(reg).all(1))[0]
+    if bad.size:
+        raise ValueError(f"{path}: H36M regressor rows {bad.tolist()} contain NaN or inf "
+                         f"(joints {[H36M_JOINT_NAMES[i] for i in bad]}); expected finite weights")
+    empty = np.nonzero(np.abs(reg).sum(1) == 0)[0]
+    if empty.size:
+        raise ValueError(f"{path}: H36M regressor rows {empty.tolist()} are all zero (joints "
+                         f"{[H36M_JOINT_NAMES[i] for i in empty]}); every joint needs vertex weights")
+    ordering = None
+    if template is not None:
+        ordering = h36m_regressor_ordering(reg, template, path)
+        if ordering == "spin":
+            reg = reg[_H36M_SWAP]
+    reg = reg.astype(np.float32)
+    return (reg, ordering) if return_ordering else reg
 
 
 def find_smpl_file(model_dir, gender="neutral"):
@@ -849,8 +898,16 @@ class BodyModel(nn.Module):
                     h36m_regressor_path = cand
                     break
         self.h36m_regressor_path = h36m_regressor_path
-        reg = (torch.from_numpy(load_h36m_regressor(h36m_regressor_path, V))
-               if h36m_regressor_path is not None else torch.zeros(0, V))
+        self.h36m_regressor_ordering = None        # 'metro' or 'spin' (rows reordered to METRO's)
+        if h36m_regressor_path is not None:
+            reg, self.h36m_regressor_ordering = load_h36m_regressor(
+                h36m_regressor_path, V, template=data["v_template"], return_ordering=True)
+            if self.h36m_regressor_ordering == "spin":
+                print(f"note: {h36m_regressor_path} has SPIN's joint ordering (rows 1-3 left leg); "
+                      "its rows are reordered to METRO's (J_regressor_h36m_correct.npy)", flush=True)
+            reg = torch.from_numpy(reg)
+        else:
+            reg = torch.zeros(0, V)
         self.register_buffer("J_regressor_h36m", reg)
         self._topology = {}
 

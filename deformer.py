@@ -128,7 +128,7 @@ PRESETS = {
 # METRO-family values (FastMETRO: AdamW lr 1e-4, wd 1e-4, grad-norm clip 0.3, 16 per GPU), not
 # from the DeFormer paper; no lr drop (the poster gives none).
 TRAIN_DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, clip_grad_norm=0.3, clip_mode="norm",
-                      epochs=50, batch_size=16, lr_drop_epochs=[])
+                      epochs=50, batch_per_gpu=16, lr_drop_epochs=[])
 
 
 def _upsample(x, index, weight):

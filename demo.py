@@ -5,6 +5,9 @@ predicted parameters (.npz). Headless (render.py rasterises in plain torch).
     python demo.py --ckpt model.pt --images photos/ --boxes boxes.json --out outputs/demo
     python demo.py --ckpt model.pt --images photos/ --coco detections.json --out outputs/demo
     python demo.py --ckpt model.pt --images photos/ --openpose openpose_json/ --out outputs/demo
+    python demo.py --model fastmetro --preset L-H64 --weights FastMETRO-L-H64_h36m_state_dict.bin \
+        --body SMPL_NEUTRAL.pkl --h36m-regressor J_regressor_h36m_correct.npy \
+        --mesh-hierarchy mesh_downsampling.npz --images photos/ --out outputs/demo
 
 Person boxes (one output per person):
 - none: the image is a person crop; its largest centred square is used.
@@ -56,9 +59,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoints
 import data
 import render
-import train
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -333,7 +336,7 @@ def draw_full_image(image, persons, faces, max_size=2048, alpha=0.8):
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True)
+    checkpoints.add_model_args(p)      # --ckpt, or --weights with --model/--preset; --mesh-hierarchy
     p.add_argument("--images", required=True, help="folder of images (or one image file)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--boxes", default=None, help="JSON: file name -> [x1,y1,x2,y2] or a list of them")
@@ -345,7 +348,6 @@ def parse_args(argv=None):
     p.add_argument("--focal", type=float, default=1000.0, help="focal length in crop pixels at a crop side of 224")
     p.add_argument("--max-size", type=int, default=2048, help="longer side of the full-image picture")
     p.add_argument("--limit", type=int, default=None, help="at most this many images")
-    p.add_argument("--body", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -375,7 +377,9 @@ def run(args):
     else:
         persons = None
     device = torch.device(args.device)
-    model, body_model, _ = train.load_model_from_checkpoint(args.ckpt, device, body=args.body)
+    model, body_model, _ = checkpoints.load_for_inference(
+        device, ckpt=args.ckpt, weights=args.weights, model=args.model, preset=args.preset, body=args.body,
+        h36m_regressor=args.h36m_regressor, mesh_hierarchy=args.mesh_hierarchy)
     in_h, in_w = model.cfg.input_size
     faces = body_model.faces.cpu()
     out = Path(args.out)

@@ -146,7 +146,7 @@ PRESETS = {
 # Official run_fastmetro_bodymesh.py: AdamW lr 1e-4, wd 1e-4, clip_grad_norm 0.3, 60 epochs,
 # batch 16 per GPU x 4 GPUs; StepLR(lr_drop=100) never fires within 60 epochs -> no drop.
 TRAIN_DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, clip_grad_norm=0.3, clip_mode="norm", epochs=60,
-                      batch_size=64, lr_drop_epochs=[])
+                      batch_per_gpu=16, paper_global_batch=64, lr_drop_epochs=[])
 
 H36M_PELVIS = 0
 ATTENTION_IMPL = "sdpa"          # "sdpa" (fused) or "math" (explicit matmuls, for FLOP counting)

@@ -277,7 +277,7 @@ PRESETS = {
 # optimiser settings; we use HMR 2.0's (4D-Humans config: AdamW, lr 1e-5, weight decay 1e-4,
 # batch 48 per GPU; no gradient clipping) and no LR drops.
 TRAIN_DEFAULTS = dict(lr=1e-5, weight_decay=1e-4, clip_grad_norm=None, clip_mode="norm",
-                      epochs=50, batch_size=48, lr_drop_epochs=[])
+                      epochs=50, batch_per_gpu=48, lr_drop_epochs=[])
 
 
 # =========================================================================== decoder layers

@@ -139,7 +139,7 @@ PRESETS = {
 # Official training: AdamW lr 1e-4 (wd 1e-4), gradient clipping by VALUE 0.3, 60 epochs, batch 16
 # per GPU x 4 GPUs, lr x 0.1 after half of the epochs (adjust_learning_rate).
 TRAIN_DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, clip_grad_norm=0.3, clip_mode="value", epochs=60,
-                      batch_size=64, lr_drop_epochs=[30])
+                      batch_per_gpu=16, paper_global_batch=64, lr_drop_epochs=[30])
 
 
 class TORE(nn.Module):

@@ -45,55 +45,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import body as body_lib
+import checkpoints as ckpt_lib
 import data as data_lib
-import evaluate as eval_lib
-from backbones import build_backbone
+import metrics as eval_lib
+from checkpoints import MODELS, build_body, build_model, model_module, parse_overrides  # noqa: F401
 
-MODELS = ("fastmetro", "tore", "deformer", "featup_hmr")
 J24_TO_LSP = eval_lib.J24_TO_LSP
-
-
-# ----------------------------------------------------------------------------- building
-def model_module(name):
-    """The model file for `name` (imported lazily so one broken model does not block the rest)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
-    return __import__(name)
-
-
-def build_model(name, preset, body_model, pretrained_backbone=None, overrides=None, device="cpu"):
-    """Preset -> config (+ overrides) -> backbone -> topology -> model."""
-    mod = model_module(name)
-    if preset not in mod.PRESETS:
-        raise ValueError(f"unknown preset {preset!r} for {name}; choose one of {sorted(mod.PRESETS)}")
-    cfg = dataclasses.replace(mod.PRESETS[preset], **(overrides or {}))
-    backbone_kw = getattr(cfg, "backbone_kwargs", None) or {}
-    backbone = build_backbone(cfg.backbone, pretrained=pretrained_backbone, **backbone_kw)
-    topology = body_model.topology()
-    cls = {"fastmetro": "FastMETRO", "tore": "TORE", "deformer": "DeFormer", "featup_hmr": "FeatUpHMR"}[name]
-    kwargs = {"body_model": body_model} if name == "featup_hmr" else {}
-    model = getattr(mod, cls)(cfg, backbone, topology, **kwargs)
-    return model.to(device), cfg
-
-
-def build_body(args_body=None, h36m_regressor=None):
-    return body_lib.BodyModel(model_path=args_body, h36m_regressor_path=h36m_regressor)
-
-
-def parse_overrides(items):
-    """--set key=value pairs -> dict with Python literals (ints, floats, bools, tuples)."""
-    import ast
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k] = v
-    return out
 
 
 # ----------------------------------------------------------------------------- data
@@ -459,20 +416,7 @@ def load_checkpoint(path, map_location="cpu", required=("model",)):
     return ck
 
 
-def load_model_from_checkpoint(path, device, body=None, h36m_regressor=None):
-    """Rebuild the model a checkpoint was trained with and load its weights (for eval/demo)."""
-    ck = load_checkpoint(path, required=("model", "config"))
-    cfg = ck["config"]
-    body_model = build_body(body or cfg.get("body"), h36m_regressor or cfg.get("h36m_regressor")).to(device)
-    overrides = parse_overrides(cfg.get("set"))
-    restore = getattr(model_module(cfg["model"]), "restore_overrides", None)
-    if restore is not None:                  # files read at construction whose contents the state dict holds
-        overrides = restore(overrides)
-    model, model_cfg = build_model(cfg["model"], cfg["preset"], body_model,
-                                   overrides=overrides, device=device)
-    model.load_state_dict(ck["model"])
-    model.eval()
-    return model, body_model, cfg
+load_model_from_checkpoint = ckpt_lib.load_model_from_checkpoint     # moved to checkpoints.py
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -555,9 +499,17 @@ def parse_args(argv=None):
     p.add_argument("--body", default=None, help="SMPL .pkl (default: the procedural toy body)")
     p.add_argument("--h36m-regressor", default=None, help="J_regressor_h36m_correct.npy for real SMPL")
     p.add_argument("--pretrained-backbone", default=None)
+    p.add_argument("--weights", default=None,
+                   help="initialise from a released state dict (official key layout) of --model/--preset")
+    p.add_argument("--mesh-hierarchy", default=None,
+                   help="GraphCMR mesh_downsampling.npz (default: the body's decimated hierarchy)")
+    p.add_argument("--protocol", default=eval_lib.DEFAULT_PROTOCOL, choices=eval_lib.PROTOCOLS,
+                   help="evaluation protocol of the periodic evaluation (metrics.py)")
     p.add_argument("--out", default="runs/default")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=None, help="per process (default: the paper's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per GPU / process (default: the model's TRAIN_DEFAULTS batch_per_gpu); "
+                        "global batch = this x world size x --accum")
     p.add_argument("--accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
@@ -618,12 +570,21 @@ def train(args, status=None):
     if world > 1 and not is_main:
         dist.barrier()          # rank 0 fills the on-disk caches (toy body, mesh hierarchy) first
     body_model = build_body(args.body, args.h36m_regressor).to(device)
+    if args.weights:
+        ckpt_lib.check_official_hierarchy(body_model, args.mesh_hierarchy)
+    hierarchy, hierarchy_id = ckpt_lib.load_hierarchy(body_model, args.mesh_hierarchy)
     model, cfg = build_model(args.model, args.preset, body_model, args.pretrained_backbone,
-                             parse_overrides(args.set), device)
+                             parse_overrides(args.set), "cpu", hierarchy=hierarchy)
+    if args.weights:
+        model.topology_used = body_model.topology(hierarchy=hierarchy)
+        init = ckpt_lib.load_official_weights(model, args.model, args.preset, args.weights, body_model)
+        if is_main:
+            print(f"initialised from {args.weights} ({init['num_tensors']} tensors, strict)", flush=True)
+    model = model.to(device)
     if world > 1 and is_main:
         dist.barrier()
     defaults = dict(model_module(args.model).TRAIN_DEFAULTS)
-    batch_size = args.batch_size or defaults.get("batch_size", 16)
+    batch_size = args.batch_size or defaults["batch_per_gpu"]
     lr = args.lr if args.lr is not None else defaults["lr"]
     wd = args.weight_decay if args.weight_decay is not None else defaults.get("weight_decay", 1e-4)
     clip = args.clip if args.clip is not None else defaults.get("clip_grad_norm")
@@ -653,6 +614,11 @@ def train(args, status=None):
         # With an explicit step budget, put the drops at the same fraction of training.
         drop_steps = [int(total_steps * e / defaults.get("epochs", 60)) for e in defaults["lr_drop_epochs"]]
 
+    if is_main:
+        print(f"batch: {batch_size} per GPU x world size {world} x accum {args.accum} = global batch "
+              f"{batch_size * world * args.accum}; lr {lr:g} (paper: {defaults.get('paper_global_batch', 'n/a')} "
+              "global at this lr; the lr is not scaled with the batch)", flush=True)
+
     if hasattr(model, "set_mean_params") and not getattr(cfg, "mean_params_path", None):
         # Iterative error feedback starts from the mean SMPL parameters of the training data.
         smpl = training_smpl_params(train_set)
@@ -670,6 +636,8 @@ def train(args, status=None):
 
     config = {**vars(args), "batch_size": batch_size, "lr": lr, "weight_decay": wd, "clip": clip,
               "clip_mode": clip_mode, "total_steps": total_steps, "world_size": world,
+              "global_batch": batch_size * world * args.accum, "mesh_hierarchy_identity": hierarchy_id,
+              "h36m_regressor_identity": ckpt_lib.regressor_identity(body_model),
               "model_config": dataclasses.asdict(cfg)}
     step, epoch, pos = 0, 0, 0          # pos: samples of the current epoch this rank consumed
     ckpt_path = out / "last.pt"
@@ -736,9 +704,9 @@ def train(args, status=None):
         if baseline is None:
             base_loader = make_eval_loader(args.train.split(",")[0].partition("@")[0], args.img_root,
                                            cfg.input_size, batch_size, args.workers)
-            baseline = eval_lib.mean_pose_baseline(base_loader, body_model, device)
-        res = eval_lib.evaluate(model, val_loader, body_model, device, max_batches=args.eval_batches,
-                                baseline=baseline)
+            baseline = eval_lib.mean_pose_baseline(base_loader, body_model, device, args.protocol)
+        res = eval_lib.evaluate(model, val_loader, body_model, device, args.protocol,
+                                max_batches=args.eval_batches, baseline=baseline)
         eval_lib.print_table(res, f"Evaluation at step {step} (mm)")
         if step not in logged_evals:              # a resumed, finished run evaluates again
             log_file.write(json.dumps({"step": step, "eval": res}) + "\n")
@@ -777,7 +745,9 @@ def train(args, status=None):
             with ctx:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     outputs = ddp_model(images)
-                    loss, logs = model.loss(outputs, targets)
+                # Losses in float32 outside autocast (a bf16 joint-regressor einsum loses mm).
+                outputs = _float32(outputs)
+                loss, logs = model.loss(outputs, targets)
                 (loss / args.accum).backward()
             micro += 1
             pos += images.shape[0]
@@ -871,6 +841,17 @@ def train(args, status=None):
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _float32(x):
+    """Floating tensors (inside dicts/lists) -> float32; the losses run outside autocast."""
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _float32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_float32(v) for v in x)
+    return x
 
 
 def main(argv=None):

@@ -59,8 +59,7 @@ def test_accumulator_reports_millimetres_and_per_joint():
     acc = ev.MetricAccumulator()
     gt = torch.randn(3, 14, 3)
     pred = gt + torch.tensor([0.0, 0.0, 0.01])                              # 10 mm everywhere
-    zero = torch.zeros(3, 3)
-    acc.add(pred, gt, torch.ones(3, 14), "pelvis", zero, zero)
+    acc.add(pred, gt, torch.ones(3, dtype=torch.bool))
     res = acc.result()
     assert abs(res["mpjpe"] - 10.0) < 1e-3
     assert res["pa_mpjpe"] < 1e-3

@@ -161,9 +161,9 @@ def test_evaluate_cli_writes_json_with_baseline(synth, tmp_path):
     out = tmp_path / "eval.json"
     res = evaluate.main(["--ckpt", str(tmp_path / "run" / "last.pt"), "--data", str(synth / "test.npz"),
                          "--baseline-data", str(synth / "train.npz"), "--out", str(out),
-                         "--device", "cpu", "--workers", "0", "--align", "hip"])
+                         "--device", "cpu", "--workers", "0", "--protocol", "spin"])
     saved = json.loads(out.read_text())
     for key in ("model", "mean_pose_baseline"):
         assert saved[key]["num_samples"] == 4
         assert saved[key]["mpjpe"] > 0 and saved[key]["pa_mpjpe"] <= saved[key]["mpjpe"] + 1e-6
-    assert saved["align"] == "hip" and res["model"]["mpjpe"] == saved["model"]["mpjpe"]
+    assert saved["protocol"] == "spin" and res["model"]["mpjpe"] == saved["model"]["mpjpe"]
