@@ -31,11 +31,21 @@ U[0.6,1.4], rotation N(0,30deg) clipped to +-60 and zero w.p. 0.6, scale N(1,0.2
 orientation (R_z(-rot) in the y-down camera frame, as METRO's j3d_processing / rot_aa).
 
 Departures from METRO / SPIN and why
-- One affine warp per sample (PIL, bilinear) maps the rotated, scaled (and flipped) box straight
-  to the output; keypoints go through the SAME affine in continuous pixel coordinates (pixel
-  centres at +0.5, see render.py), not SPIN's integer-rounded `transform`, so image and joints
-  agree to sub-pixel precision.  Large JPEGs are decoded at 1/2..1/8 size with PIL's draft mode
-  when the crop is that much smaller (speed; no visible difference after the bilinear warp).
+- Evaluation (train=False, square output) uses the official METRO/FastMETRO crop
+  (`official_crop`): the integer box whose corners are the output corners mapped back through
+  the inverse crop transform and truncated to int (image_ops.crop: `center +- scale*100`), zero
+  padded outside the image, resized with bilinear interpolation at pixel centres and clamped at
+  the box border (cv2.resize INTER_LINEAR), in float (the official crop is float64, not rounded).
+  Its 2D keypoints go through the same integer-box affine in continuous coordinates (the official
+  code maps them through the exact box and rounds; they are not used by the metrics).
+- Training: one affine warp per sample (PIL, bilinear) maps the rotated, scaled (and flipped) box
+  straight to the output; keypoints go through the SAME affine in continuous pixel coordinates
+  (pixel centres at +0.5, see render.py), not SPIN's integer-rounded `transform`, so image and
+  joints agree to sub-pixel precision (the official augmented crop rotates a padded integer box).
+- JPEGs are always decoded at full size. PIL's reduced-size "draft" decoding was measured on
+  textured JPEGs (decode + warp per sample, one run on the shared 2-core CPU): 1000x1002 with a
+  500 px box 1.33x faster, 1920x1080 with an 800 px box 1.25x faster, but crops changed by a mean
+  0.10 (max 0.8) after normalisation; not worth a train/test difference, so it was removed.
 - Non-square outputs (ViT models' 256x192): the square box (side scale*200) is EXPANDED to the
   output aspect ratio, so the person box fits inside the crop and pixels stay square (HMR 2.0's
   choice); 2D joints are normalised by ONE length L = min(H, W) on both axes (u = (2x - W)/L,
@@ -146,14 +156,25 @@ def _strip_comment(line):
 
 
 def parse_yaml(text, source="<yaml>"):
-    """The yaml subset METRO's index files use: top-level `key: scalar`, `key: [a, b]` and
-    `key:` followed by `- item` lines.  Returns a dict."""
+    """The yaml subset METRO's index files use: top-level `key: scalar`, `key: [a, b]` (also
+    written over several lines) and `key:` followed by `- item` lines.  Returns a dict."""
     out, last = {}, None
-    for n, raw in enumerate(text.splitlines(), 1):
+    lines = list(enumerate(text.splitlines(), 1))
+    k = 0
+    while k < len(lines):
+        n, raw = lines[k]
+        k += 1
         line = _strip_comment(raw)
         if not line.strip() or line.strip() == "---":
             continue
         stripped = line.strip()
+        # A flow list `key: [a, b,` continued on the following lines up to the closing `]`.
+        if ":" in stripped and stripped.partition(":")[2].strip().startswith("[") and "]" not in stripped:
+            while k < len(lines) and "]" not in stripped:
+                stripped += " " + _strip_comment(lines[k][1]).strip()
+                k += 1
+            if "]" not in stripped:
+                raise ValueError(f"{source}:{n}: flow list '[' is never closed with ']'")
         if stripped.startswith("- "):
             if last is None:
                 raise ValueError(f"{source}:{n}: list item without a key")
@@ -330,21 +351,56 @@ def exif_upright(img):
 
 
 def warp_image(img, A, out_size):
-    """PIL image -> (H,W,3) uint8 crop through the affine A (original px -> crop px).
-
-    Decodes large JPEGs at reduced size (draft mode) when the crop is >= 2x smaller."""
+    """PIL image -> (H,W,3) uint8 crop through the affine A (original px -> crop px), decoded at
+    full resolution."""
     H, W = out_size
-    w0, h0 = img.size
-    s = math.sqrt(abs(np.linalg.det(A[:2, :2])))  # crop pixels per source pixel
-    if s <= 0.5 and getattr(img, "format", None) == "JPEG":
-        img.draft("RGB", (max(1, int(math.ceil(w0 * s))), max(1, int(math.ceil(h0 * s)))))
     if img.mode != "RGB":
         img = img.convert("RGB")
-    w1, h1 = img.size
-    A = A @ np.diag([w0 / w1, h0 / h1, 1.0])  # drafted pixels -> original pixels -> crop
     inv = np.linalg.inv(A)  # crop -> source pixels
     out = img.transform((W, H), Image.AFFINE, tuple(inv[:2].reshape(-1)), resample=Image.BILINEAR)
     return np.array(out)  # writable copy
+
+
+def official_crop_box(center, scale, res):
+    """(x0, y0, x1, y1) ints: METRO/FastMETRO's crop box for a res x res output. The output's
+    corners (0, 0) and (res, res) mapped back through the inverse of the crop transform
+    (x -> res * ((x - c) / (200 s) + 0.5)) and truncated to int, as image_ops.crop / transform."""
+    h = 200.0 * float(scale)
+    t = np.array([[res / h, 0.0, res * (-float(center[0]) / h + 0.5)],
+                  [0.0, res / h, res * (-float(center[1]) / h + 0.5)], [0.0, 0.0, 1.0]])
+    inv = np.linalg.inv(t)
+    ul = (inv @ np.array([0.0, 0.0, 1.0]))[:2].astype(int)       # numpy astype(int) truncates
+    br = (inv @ np.array([float(res), float(res), 1.0]))[:2].astype(int)
+    return int(ul[0]), int(ul[1]), int(br[0]), int(br[1])
+
+
+def _bilinear_taps(n_out, n_in):
+    """Source taps of a bilinear resize n_in -> n_out at pixel centres, clamped at the border
+    (cv2.resize INTER_LINEAR): (i0, i1, weight of i1), each (n_out,)."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    f = np.floor(src)
+    frac = (src - f).astype(np.float32)
+    i0 = np.clip(f, 0, n_in - 1).astype(np.int64)
+    i1 = np.clip(f + 1, 0, n_in - 1).astype(np.int64)
+    return i0, i1, frac
+
+
+def official_crop(img, center, scale, res):
+    """The official non-augmented crop: PIL image -> ((res, res, 3) float32 in [0, 255], the 3x3
+    affine from original pixels to crop pixels). See `official_crop_box` and the file header."""
+    x0, y0, x1, y1 = official_crop_box(center, scale, res)
+    bw, bh = x1 - x0, y1 - y0
+    if bw <= 0 or bh <= 0:
+        raise ValueError(f"empty crop box {(x0, y0, x1, y1)} (center {list(center)}, scale {scale})")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    box = np.asarray(img.crop((x0, y0, x1, y1)), dtype=np.float32)    # zeros outside the image
+    xi0, xi1, ax = _bilinear_taps(res, bw)
+    yi0, yi1, ay = _bilinear_taps(res, bh)
+    rows = box[yi0] * (1 - ay)[:, None, None] + box[yi1] * ay[:, None, None]     # (res, bw, 3)
+    out = rows[:, xi0] * (1 - ax)[None, :, None] + rows[:, xi1] * ax[None, :, None]  # (res, res, 3)
+    A = np.array([[res / bw, 0.0, -x0 * res / bw], [0.0, res / bh, -y0 * res / bh], [0.0, 0.0, 1.0]])
+    return out, A
 
 
 def flip_joints2d(j):
@@ -568,9 +624,13 @@ class HMRDataset(torch.utils.data.Dataset):
         """Crop/augment one sample.  img: PIL image; rec: dict from `_record`."""
         H, W = self.input_size
         scale = rec["scale"] * sc
-        A = crop_matrix(rec["center"], scale * 200.0, rot, (H, W), flip=bool(flip))
+        official = not self.train and H == W and not flip and rot == 0 and sc == 1
         try:
-            crop = warp_image(img, A, (H, W))  # (H,W,3) uint8
+            if official:  # evaluation: the official integer-box crop (see the file header)
+                crop, A = official_crop(img, rec["center"], scale, H)
+            else:
+                A = crop_matrix(rec["center"], scale * 200.0, rot, (H, W), flip=bool(flip))
+                crop = warp_image(img, A, (H, W))  # (H,W,3) uint8
         except Exception as e:
             raise DataError(self.source, raw, self.image_key, f"cannot decode image: {e}") from None
         # numpy (single-threaded) on purpose: torch intra-op threads only add overhead here.
@@ -754,24 +814,33 @@ class TsvDataset(HMRDataset):
         if len(self.img_tsvs) != len(self.label_tsvs):
             raise DataError(yaml_path, "-", "label", f"{len(self.label_tsvs)} label files for "
                             f"{len(self.img_tsvs)} image files")
-        for a, b in zip(self.img_tsvs, self.label_tsvs):
-            if len(a) != len(b):
-                raise DataError(b.path, "-", "label", f"{len(b)} rows but {a.path} has {len(a)}")
         if cfg.get("linelist"):
             p = root / cfg["linelist"]
             if not p.is_file():
                 raise DataError(yaml_path, "-", "linelist", f"file not found: {p}")
             rows = [l.split("\t") for l in p.read_text().splitlines() if l.strip()]
-            if cfg.get("composite"):
-                self.rows = [(int(r[0]), int(r[1])) for r in rows]
-            else:
-                self.rows = [(0, int(r[0])) for r in rows]
-            for n, (src, row) in enumerate(self.rows):
-                if not (0 <= src < len(self.label_tsvs) and 0 <= row < len(self.label_tsvs[src])):
-                    raise DataError(p, n, "linelist", f"row {row} of source {src} does not exist "
-                                    f"({len(self.label_tsvs)} source(s); rows per source "
-                                    f"{[len(t) for t in self.label_tsvs]}): stale linelist or .lineidx")
+            try:
+                if cfg.get("composite"):
+                    self.rows = [(int(r[0]), int(r[1])) for r in rows]
+                else:
+                    self.rows = [(0, int(r[0])) for r in rows]
+            except (ValueError, IndexError) as e:
+                raise DataError(p, "-", "linelist", f"expected one integer row index per line "
+                                f"(composite: 'source<TAB>row'): {e}") from None
+            # The official loader indexes the image, label and hw TSVs with the same selected row,
+            # so a label TSV may be shorter than the image TSV when the linelist only selects
+            # labelled rows (every selected row must exist in every TSV).
+            for n, (src, r) in enumerate(self.rows):
+                for kind, tsvs in (("img", self.img_tsvs), ("label", self.label_tsvs), ("hw", self.hw_tsvs or [])):
+                    if tsvs and not (0 <= src < len(tsvs) and 0 <= r < len(tsvs[src])):
+                        have = f"{len(tsvs[src])} rows" if 0 <= src < len(tsvs) else f"{len(tsvs)} sources"
+                        raise DataError(p, n, "linelist", f"selects row {r} of source {src}, but the {kind} "
+                                        f"TSV {tsvs[min(max(src, 0), len(tsvs) - 1)].path} has {have} (stale linelist or .lineidx?)")
         else:
+            for a, b in zip(self.img_tsvs, self.label_tsvs):
+                if len(a) != len(b):
+                    raise DataError(b.path, "-", "label", f"{len(b)} rows but {a.path} has {len(a)} "
+                                    "(without a linelist every image row needs a label row)")
             self.rows = [(s, r) for s, t in enumerate(self.label_tsvs) for r in range(len(t))]
         super().__init__(**kw)
 

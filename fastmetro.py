@@ -70,6 +70,9 @@ Departures from the paper / official code
   topology's `down_index` (GraphCMR's one-hot D matrices in the official code).
 - Edge loss edges = unique edges of `topology["faces"][1]` (the official code loads
   smpl_1723_edges.npy; same thing for SMPL); the official `uniform=True` (edge-based) form.
+  Normal loss faces = every triangle of that edge graph (`edge_graph_triangles`), built here: the
+  official smpl_1723_faces.npy is exactly this set for GraphCMR's mesh (3451 faces, 9 more than
+  F[1]), and it is SMPL-derived, so it is not shipped.
 - The official 2D loss does not look at has_2d (only per-joint confidence); neither does this one.
 - SMPL-parameter regressor (official `smpl_param_regressor.py`, GraphCMR style): input = the
   detached intermediate mesh (B, V1*3) -> FC(1024)+BN+ReLU -> 2 residual FC blocks -> 24*9+10;
@@ -197,6 +200,20 @@ def mesh_edges(faces):
     e = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]], 0)   # (3F, 2)
     e = torch.sort(e, dim=1).values
     return torch.unique(e, dim=0)
+
+
+def edge_graph_triangles(faces, num_vertices):
+    """Every triangle (3-clique) of the mesh's edge graph: (T, 3) long, sorted rows. For GraphCMR's
+    1723-level mesh this is the official `smpl_1723_faces.npy` (3451 = the 3442 faces plus 9
+    triangles whose edges already belong to real faces), which FastMETRO's normal loss reads."""
+    e = mesh_edges(faces)                                                       # (E, 2), a < b
+    adj = torch.zeros(num_vertices, num_vertices, dtype=torch.bool)
+    adj[e[:, 0], e[:, 1]] = True
+    adj[e[:, 1], e[:, 0]] = True
+    common = adj[e[:, 0]] & adj[e[:, 1]]                                        # (E, V)
+    common &= torch.arange(num_vertices)[None] > e[:, 1:2]                      # third vertex c > b
+    k, c = common.nonzero(as_tuple=True)
+    return torch.stack([e[k, 0], e[k, 1], c], 1)
 
 
 def upsample_mesh(x, index, weight):
@@ -509,6 +526,7 @@ def register_mesh_buffers(module, topology):
     buf("faces_0", torch.as_tensor(topology["faces"][0]).long())
     buf("faces_1", torch.as_tensor(topology["faces"][1]).long())
     buf("edges_1", mesh_edges(topology["faces"][1]))
+    buf("normal_faces_1", edge_graph_triangles(topology["faces"][1], int(topology["num_vertices"][1])))
 
 
 def gt_mesh_levels(module, gt_v0):
@@ -657,7 +675,7 @@ class FastMETRO(nn.Module):
                   + cfg.vertices_fine_loss_weight * vertices_loss(v0, gt_v0, has_smpl))
         l_edge_normal = (cfg.edge_gt_loss_weight * edge_gt_loss(v1, gt_v1, self.edges_1, has_smpl)
                          + cfg.edge_self_loss_weight * edge_self_loss(v1, self.edges_1, has_smpl)
-                         + cfg.normal_loss_weight * normal_loss(v1, gt_v1, self.faces_1, has_smpl))
+                         + cfg.normal_loss_weight * normal_loss(v1, gt_v1, self.normal_faces_1, has_smpl))
         l_j2d = (keypoint_2d_loss(weak_perspective_project(joints_tok, cam), targets["joints2d"])
                  + keypoint_2d_loss(weak_perspective_project(joints_mesh, cam), targets["joints2d"]))
         loss = (cfg.joints_3d_loss_weight * l_j3d + cfg.vertices_3d_loss_weight * l_vert

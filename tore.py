@@ -71,6 +71,7 @@ Departures from the paper / official code
   which is not part of this repository.
 """
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -318,8 +319,10 @@ class TORE(nn.Module):
 
 
 def itp_loss_weight(epoch, base=1e-3, offset=3.0):
-    """Official schedule: base * sigmoid(epoch - offset)."""
-    return base * float(torch.sigmoid(torch.tensor(epoch - offset)))
+    """Official schedule: base * sigmoid(epoch - offset), in float64 as the official numpy code."""
+    z = float(epoch) - float(offset)
+    sig = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+    return float(base) * sig
 
 
 def itp_mask(points_2d, h, w, input_size=None):

@@ -75,8 +75,10 @@ def test_generator_output_reads_back_exactly(synth):
         S = z["S"][i].astype(np.float64)
         np.testing.assert_allclose(s["joints3d"][:, :3].numpy(), S[:, :3] - S[14, :3], atol=1e-5)
         np.testing.assert_array_equal(s["joints3d"][:, 3].numpy(), S[:, 3])
-        A = data.crop_matrix(z["center"][i], z["scale"][i] * 200, 0.0, (SIZE, SIZE))
-        j2 = data.transform_points(z["part"][i, :, :2].astype(np.float64), A) / SIZE * 2 - 1
+        # evaluation crops are the official integer box: x -> (x - x0) * SIZE / (x1 - x0)
+        x0, y0, x1, y1 = data.official_crop_box(z["center"][i], z["scale"][i], SIZE)
+        p = z["part"][i, :, :2].astype(np.float64)
+        j2 = np.stack([(p[:, 0] - x0) / (x1 - x0), (p[:, 1] - y0) / (y1 - y0)], 1) * 2 - 1
         np.testing.assert_allclose(s["joints2d"][:, :2].numpy(), j2, atol=1e-5)
         assert s["has_smpl"] == 1 and s["has_3d"] == 1 and s["has_2d"] == 1 and s["gender"] == 0
     # The JPEG is the rendered image up to compression.
