@@ -98,14 +98,21 @@ def regressor_identity(body_model):
 
 # ----------------------------------------------------------------------------- hierarchy
 def hierarchy_hash(h):
-    """sha256 of a MeshHierarchy's level arrays (faces, down/up maps; weights rounded to 1e-7)."""
+    """sha256 of a MeshHierarchy's content: faces per level, the one-hot down maps and the
+    upsampling matrices U in canonical sparse form (zeros dropped, sorted, weights rounded to
+    1e-7), so the same hierarchy read from GraphCMR's file or built here hashes the same."""
     d = hashlib.sha256(b"mesh-hierarchy-identity-v1")
     for l in range(len(h.faces)):
         d.update(np.ascontiguousarray(h.faces[l], dtype=np.int64).tobytes())
     for l in range(len(h.down_index)):
         d.update(np.ascontiguousarray(h.down_index[l], dtype=np.int64).tobytes())
-        d.update(np.ascontiguousarray(h.up_index[l], dtype=np.int64).tobytes())
-        d.update(np.round(np.asarray(h.up_weight[l], dtype=np.float64), 7).tobytes())
+        u = h.U(l).tocsr()
+        u.sum_duplicates()
+        u.eliminate_zeros()
+        u.sort_indices()
+        for a in (u.indptr, u.indices):
+            d.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        d.update(np.round(np.asarray(u.data, dtype=np.float64), 7).tobytes())
     return d.hexdigest()
 
 
@@ -219,38 +226,52 @@ class _NoParamBackbone(nn.Module):
         self.out_channels = out_channels
 
 
-_SIGNATURES = {}
+_BACKBONES = {}
+_HEADS = {}
 
 
-def _preset_signature(name, preset, topology):
-    """{key: shape} of the model `name`/`preset` built for `topology` (cheap: meta backbone)."""
-    mod = model_module(name)
-    cfg = mod.PRESETS[preset]
-    key = (name, preset, tuple(topology["num_vertices"]), int(topology["joint_regressor"][0].shape[0]))
-    if key in _SIGNATURES:
-        return _SIGNATURES[key]
-    with torch.device("meta"):
-        backbone = build_backbone(cfg.backbone, **(getattr(cfg, "backbone_kwargs", None) or {}))
-    head = getattr(mod, MODEL_CLASSES[name])(cfg, _NoParamBackbone(backbone.out_channels), topology)
-    sig = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    sig.update({"backbone." + k: tuple(v.shape) for k, v in backbone.state_dict().items()})
-    _SIGNATURES[key] = (sig, backbone)
-    return sig, backbone
+def _meta_backbone(name, kwargs):
+    """A backbone built on the meta device (keys and shapes only; cached)."""
+    key = (name, repr(sorted(kwargs.items())))
+    if key not in _BACKBONES:
+        with torch.device("meta"):
+            _BACKBONES[key] = build_backbone(name, **kwargs)
+    return _BACKBONES[key]
+
+
+def _head_signature(name, preset, topology, out_channels):
+    """{key: shape} of a preset's non-backbone part for `topology` (a parameter-free backbone)."""
+    key = (name, preset, tuple(topology["num_vertices"]), int(topology["joint_regressor"][0].shape[0]), out_channels)
+    if key not in _HEADS:
+        mod = model_module(name)
+        head = getattr(mod, MODEL_CLASSES[name])(mod.PRESETS[preset], _NoParamBackbone(out_channels), topology)
+        _HEADS[key] = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    return _HEADS[key]
+
+
+def _same(sd, sig):
+    return set(sd) == set(sig) and all(tuple(sd[k].shape) == sig[k] for k in sig)
 
 
 def fitting_presets(state_dict, topology, models=OFFICIAL_MODELS):
-    """[(model, preset)] whose keys and shapes equal the (converted) official `state_dict`."""
+    """[(model, preset)] whose keys and shapes equal the (converted) official `state_dict`.
+    Backbones are compared first (meta device, once per backbone); heads are built only for the
+    presets whose backbone fits."""
     out = []
     for name in models:
         mod = model_module(name)
-        for preset in mod.PRESETS:
+        for preset, cfg in mod.PRESETS.items():
             try:
-                sig, backbone = _preset_signature(name, preset, topology)
+                backbone = _meta_backbone(cfg.backbone, getattr(cfg, "backbone_kwargs", None) or {})
+                bsig = {"backbone." + k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+                # convert_official_state_dict only reads the model's keys and its backbone
+                conv = mod.convert_official_state_dict(state_dict, _SigView(backbone, bsig))
+                if not _same({k: v for k, v in conv.items() if k.startswith("backbone.")}, bsig):
+                    continue
+                hsig = _head_signature(name, preset, topology, backbone.out_channels)
             except Exception:  # noqa: BLE001 - a preset that cannot be built does not fit
                 continue
-            # convert_official_state_dict only reads the model's keys and its backbone
-            conv = mod.convert_official_state_dict(state_dict, _SigView(backbone, sig))
-            if set(conv) == set(sig) and all(tuple(conv[k].shape) == sig[k] for k in sig):
+            if _same({k: v for k, v in conv.items() if not k.startswith("backbone.")}, hsig):
                 out.append((name, preset))
     return out
 

@@ -169,8 +169,8 @@ def ground_truth(batch, body_model, h36m_regressor, device, protocol=DEFAULT_PRO
     models for GT meshes (SPIN on 3DPW); None -> the neutral `body_model`."""
     check_protocol(protocol)
     has_smpl = batch["has_smpl"].to(device) > 0
-    verts = _gt_vertices(batch, body_model, device, gendered if protocol == "spin" else None)
-    h36m = torch.einsum("jv,bvc->bjc", h36m_regressor.to(verts.dtype), verts)   # (B, 17, 3)
+    verts = _gt_vertices(batch, body_model, device, gendered if protocol == "spin" else None).double()
+    h36m = torch.einsum("jv,bvc->bjc", h36m_regressor.double(), verts)       # (B, 17, 3)
     mesh_pelvis = h36m[:, 0]
     j3d = batch["joints3d"].to(device)                                       # (B, 24, 4)
     has_3d = batch["has_3d"].to(device) > 0
@@ -183,7 +183,7 @@ def ground_truth(batch, body_model, h36m_regressor, device, protocol=DEFAULT_PRO
 
 def predicted(vertices, h36m_regressor, protocol=DEFAULT_PROTOCOL):
     """Predicted mesh (B,V,3) -> protocol-centred LSP joints (B,14,3) and pelvis-centred mesh."""
-    h36m = torch.einsum("jv,bvc->bjc", h36m_regressor.to(vertices.dtype), vertices)   # (B, 17, 3)
+    h36m = torch.einsum("jv,bvc->bjc", h36m_regressor.to(vertices.dtype), vertices)  # (B, 17, 3)
     pelvis = h36m[:, 0]
     return protocol_centre(protocol, h36m[:, H36M_TO_LSP], pelvis), vertices - pelvis[:, None]
 
@@ -210,7 +210,7 @@ def evaluate(model, loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_b
                                                                        protocol, gendered)
         if model is not None:
             out = model(batch["img"].to(device))
-            pj, pv = predicted(out["vertices"].float(), h36m_reg, protocol)
+            pj, pv = predicted(out["vertices"].double(), h36m_reg, protocol)   # metrics in float64
             acc.add(pj, gt_joints, valid, pv, gt_verts, has_smpl)
             acc.from_mesh += int(from_mesh.sum())
         if baseline is not None:

@@ -321,7 +321,7 @@ class TORE(nn.Module):
 def itp_loss_weight(epoch, base=1e-3, offset=3.0):
     """Official schedule: base * sigmoid(epoch - offset), in float64 as the official numpy code."""
     z = float(epoch) - float(offset)
-    sig = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+    sig = 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0            # official form; no overflow
     return float(base) * sig
 
 
