@@ -444,3 +444,37 @@ def test_losses_run_in_float32_outside_autocast_and_batch_is_printed(synth, tmp_
     text = capsys.readouterr().out
     assert "batch: 2 per GPU x world size 1 x accum 1 = global batch 2" in text and "lr 0.0001" in text
     assert fastmetro.TRAIN_DEFAULTS["batch_per_gpu"] == 16 == tore.TRAIN_DEFAULTS["batch_per_gpu"]
+
+
+def test_two_nodes_one_process_each_on_localhost(synth, tmp_path):
+    """Multi-node torchrun as far as one machine allows: 2 "nodes" x 1 process, c10d rendezvous,
+    gloo. Both agents rendezvous at one endpoint, train 2 steps, and the replicas stay identical."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test2n",
+           str(root / "train.py"), "--model", "fastmetro", "--preset", "tiny", "--train", str(synth / "test.npz"),
+           "--out", str(tmp_path), "--steps", "2", "--batch-size", "1", "--workers", "0", "--device", "cpu",
+           "--no-progress", "--log-every", "1"]
+    nodes = [subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = []
+    for p in nodes:
+        try:
+            outs.append(p.communicate(timeout=600)[0])
+        except subprocess.TimeoutExpired:
+            for q in nodes:
+                q.kill()
+            raise
+    assert all(p.returncode == 0 for p in nodes), "\n".join(o[-3000:] for o in outs)
+    rep = json.loads((tmp_path / "replicas.json").read_text())
+    assert rep["world_size"] == 2 and rep["max_param_spread"] == 0.0
+    assert any("world size 2" in o and "global batch 2" in o for o in outs)
