@@ -14,9 +14,9 @@ trained on it, and the decimated hierarchy this project builds otherwise has the
 Protocols (--protocol; metrics.py implements them and says how):
 - fastmetro (default): METRO / FastMETRO / TORE evaluation. MPJPE on the 14 LSP joints from the
   H36M regressor, pelvis-centred and then re-centred on the hip midpoint (LSP 2, 3) on both sides;
-  PA-MPJPE per sample; MPVE of the pelvis-centred meshes. Reproduces FastMETRO (ECCV 2022) Table 2
-  and TORE (ICCV 2023) Tables 1-2: Human3.6M protocol 2 MPJPE / PA-MPJPE and 3DPW
-  MPVE / MPJPE / PA-MPJPE (METRO's TSVs or SPIN npz files).
+  PA-MPJPE per sample; MPVE of the pelvis-centred meshes. Reproduces FastMETRO (ECCV 2022)
+  Tables 2-3 (Human3.6M protocol 2 MPJPE / PA-MPJPE; 3DPW MPVE / MPJPE / PA-MPJPE) and TORE
+  (ICCV 2023) Tables 2-5 (the same metrics on the same sets), on METRO's TSVs or SPIN npz files.
 - spin: SPIN's eval.py (ICCV 2019; also GraphCMR's tables). Prediction centred on the regressed
   pelvis against root-centred ground truth; for 3DPW the GT joints come from the (gendered, with
   --body-male/--body-female) GT mesh. Not comparable with the fastmetro numbers.
