@@ -342,7 +342,7 @@ def transform_points(pts, A):
 
 def exif_upright(img):
     """Apply an image's EXIF orientation tag (2..8); without one, return the same lazy image
-    (so JPEG draft decoding stays possible). Convention: see the file header."""
+    (no decode, no copy). Convention: see the file header."""
     try:
         orientation = img.getexif().get(0x0112, 1)                    # 0x0112 = Orientation
     except Exception:  # noqa: BLE001 - a broken EXIF block is treated as "no tag"
