@@ -39,7 +39,10 @@ def fit_weak_perspective(j3d, j2d):
 
 
 def _samples(npz, size):
-    ds = data.NpzDataset(npz, train=False, input_size=size)
+    # The exact-box affine at every size (train mode, no augmentation): evaluation crops of square
+    # inputs are the official integer box, whose truncation changes the scale by up to 1 px.
+    ds = data.NpzDataset(npz, train=True, input_size=size, flip_prob=0.0, rot_factor=0.0, scale_factor=0.0,
+                         noise_factor=0.0)
     return [ds[i] for i in range(len(ds))]
 
 
