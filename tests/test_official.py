@@ -478,3 +478,18 @@ def test_two_nodes_one_process_each_on_localhost(synth, tmp_path):
     rep = json.loads((tmp_path / "replicas.json").read_text())
     assert rep["world_size"] == 2 and rep["max_param_spread"] == 0.0
     assert any("world size 2" in o and "global batch 2" in o for o in outs)
+
+
+def test_scripts_import_no_other_script():
+    """train.py, evaluate.py and demo.py share model loading through checkpoints.py and the
+    metrics through metrics.py: no script imports another (the train <-> evaluate cycle is gone)."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    scripts = {"train", "evaluate", "demo"}
+    for name in scripts:
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & (scripts - {name}), (name, imported & scripts)
+        assert "checkpoints" in imported, name
