@@ -72,7 +72,8 @@ Departures from the paper / official code
   smpl_1723_edges.npy; same thing for SMPL); the official `uniform=True` (edge-based) form.
   Normal loss faces = every triangle of that edge graph (`edge_graph_triangles`), built here: the
   official smpl_1723_faces.npy is exactly this set for GraphCMR's mesh (3451 faces, 9 more than
-  F[1]), and it is SMPL-derived, so it is not shipped.
+  F[1]; checked: the same 3451 triangles as the official file), and it is SMPL-derived, so it is
+  not shipped.
 - The official 2D loss does not look at has_2d (only per-joint confidence); neither does this one.
 - SMPL-parameter regressor (official `smpl_param_regressor.py`, GraphCMR style): input = the
   detached intermediate mesh (B, V1*3) -> FC(1024)+BN+ReLU -> 2 residual FC blocks -> 24*9+10;
