@@ -646,6 +646,7 @@ def train(args, status=None):
             print(f"--resume: no checkpoint at {ckpt_path}; starting from scratch", flush=True)
     elif args.resume:
         ck = load_checkpoint(ckpt_path, map_location=device, required=RESUME_CHECKPOINT_KEYS)
+        ckpt_lib.check_hierarchy_identity(ck["config"].get("mesh_hierarchy_identity"), hierarchy_id, ckpt_path)
         config, changed = resumed_config(ck["config"], config, args.allow_config_change, ckpt_path, ck["step"])
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])

@@ -493,3 +493,17 @@ def test_scripts_import_no_other_script():
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not imported & (scripts - {name}), (name, imported & scripts)
         assert "checkpoints" in imported, name
+
+
+def test_resume_refuses_another_mesh_hierarchy(synth, toy, tmp_path):
+    import train
+    h, _ = checkpoints.load_hierarchy(toy)
+    h.up_index[1] = np.roll(h.up_index[1], 1, axis=0)              # another hierarchy, same sizes
+    other = tmp_path / "other_mesh_downsampling.npz"
+    write_graphcmr(other, h, toy.faces.numpy())
+    common = ["--model", "fastmetro", "--preset", "tiny", "--train", str(synth / "test.npz"), "--out",
+              str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--workers", "0", "--no-progress",
+              "--device", "cpu"]
+    train.train(train.parse_args(common + ["--stop-at-step", "1", "--ckpt-every", "1"]))
+    with pytest.raises(ValueError, match="trained on the decimated mesh hierarchy"):
+        train.train(train.parse_args(common + ["--resume", "--mesh-hierarchy", str(other)]))
