@@ -319,6 +319,11 @@ def load_official_weights(model, name, preset, path, body_model=None):
         hint = (f"The file fits: {', '.join(f'--model {m} --preset {p}' for m, p in fits)}."
                 if fits else "No preset of fastmetro or tore fits this file (other body model, "
                 "custom config or not a FastMETRO/TORE checkpoint).")
+        nsr = {int(k.split(".")[3]) for k in converted if k.startswith("transformer_3.encoder.layers.")}
+        want = getattr(model.cfg, "nsr_enc_layers", None) or getattr(model.cfg, "num_layers", None)
+        if name == "tore" and nsr and max(nsr) + 1 != want:
+            hint += (f" Its NSR encoder (transformer_3.encoder) has {max(nsr) + 1} layer(s): add "
+                     f"--set nsr_enc_layers={max(nsr) + 1} (the official inference copy of TORE builds 1).")
         raise ValueError(f"--weights {path} does not fit --model {name} --preset {preset}: {report}. {hint}")
     model.load_state_dict(converted, strict=True)
     return {"source": "official", "file": str(path), "sha256": sha256_file(path), "num_tensors": len(converted)}
@@ -373,6 +378,9 @@ def load_for_inference(device, ckpt=None, weights=None, model=None, preset=None,
         raise ValueError("give exactly one of --ckpt (a train.py checkpoint) or --weights (a released "
                          "state dict, with --model and --preset)")
     if ckpt is not None:
+        if overrides:
+            raise ValueError(f"--set {sorted(overrides)}: applies to --weights only (a train.py checkpoint "
+                             "carries its own config)")
         return load_model_from_checkpoint(ckpt, device, body, h36m_regressor, mesh_hierarchy)
     if model is None or preset is None:
         raise ValueError("--weights needs --model and --preset (e.g. --model fastmetro --preset L-H64)")
@@ -399,6 +407,8 @@ def add_model_args(p):
     p.add_argument("--h36m-regressor", default=None, help="J_regressor_h36m_correct.npy (or SPIN's file)")
     p.add_argument("--mesh-hierarchy", default=None,
                    help="GraphCMR mesh_downsampling.npz (needed for released weights with real SMPL)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --weights: override a preset field, e.g. --set nsr_enc_layers=1")
 
 
 if __name__ == "__main__":

@@ -379,7 +379,8 @@ def run(args):
     device = torch.device(args.device)
     model, body_model, _ = checkpoints.load_for_inference(
         device, ckpt=args.ckpt, weights=args.weights, model=args.model, preset=args.preset, body=args.body,
-        h36m_regressor=args.h36m_regressor, mesh_hierarchy=args.mesh_hierarchy)
+        h36m_regressor=args.h36m_regressor, mesh_hierarchy=args.mesh_hierarchy,
+        overrides=checkpoints.parse_overrides(args.set))
     in_h, in_w = model.cfg.input_size
     faces = body_model.faces.cpu()
     out = Path(args.out)

@@ -67,7 +67,8 @@ def main(argv=None):
     device = torch.device(args.device)
     model, body_model, info = checkpoints.load_for_inference(
         device, ckpt=args.ckpt, weights=args.weights, model=args.model, preset=args.preset, body=args.body,
-        h36m_regressor=args.h36m_regressor, mesh_hierarchy=args.mesh_hierarchy)
+        h36m_regressor=args.h36m_regressor, mesh_hierarchy=args.mesh_hierarchy,
+        overrides=checkpoints.parse_overrides(args.set))
     gendered = None
     if args.body_male or args.body_female:
         if not (args.body_male and args.body_female):

@@ -507,3 +507,17 @@ def test_resume_refuses_another_mesh_hierarchy(synth, toy, tmp_path):
     train.train(train.parse_args(common + ["--stop-at-step", "1", "--ckpt-every", "1"]))
     with pytest.raises(ValueError, match="trained on the decimated mesh hierarchy"):
         train.train(train.parse_args(common + ["--resume", "--mesh-hierarchy", str(other)]))
+
+
+def test_tore_nsr_layer_hint_and_set_override(toy, tmp_path):
+    model, _ = checkpoints.build_model("tore", "tiny", toy, overrides={"nsr_enc_layers": 2})
+    f = tmp_path / "tore_nsr2.bin"
+    torch.save(official_layout(model, prefix=""), f)
+    with pytest.raises(ValueError, match=r"NSR encoder \(transformer_3.encoder\) has 2 layer\(s\): add "
+                                         r"--set nsr_enc_layers=2"):
+        checkpoints.load_for_inference("cpu", weights=f, model="tore", preset="tiny")
+    loaded, _, _ = checkpoints.load_for_inference("cpu", weights=f, model="tore", preset="tiny",
+                                                  overrides={"nsr_enc_layers": 2})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(ValueError, match="applies to --weights only"):
+        checkpoints.load_for_inference("cpu", ckpt=f, overrides={"nsr_enc_layers": 2})
