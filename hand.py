@@ -156,8 +156,8 @@ def load_mano_pickle(path, validate=True):
 TOY_HAND_PART_NAMES = ["palm", "index", "middle", "pinky", "ring", "thumb"]
 _PALM_RES, _FINGER_RES = (18, 12), (10, 11)    # (n_theta, n_rings): 218 + 5 * 112 = 778 vertices
 TOY_HAND_SHAPE_DIRECTIONS = [("scale", 0.04), ("palm_width", 0.06), ("palm_length", 0.06),
-                             ("palm_thickness", 0.08), ("finger_length", 0.05),
-                             ("finger_thickness", 0.08), ("thumb_length", 0.06),
+                             ("palm_thickness", 0.15), ("finger_length", 0.05),
+                             ("finger_thickness", 0.20), ("thumb_length", 0.06),
                              ("index_length", 0.05), ("pinky_length", 0.06), ("spread", 0.15)]
 _P0 = {name: 1.0 for name, _ in TOY_HAND_SHAPE_DIRECTIONS}
 # per finger (MANO chain order index, middle, pinky, ring): MCP (x, z), phalanx lengths, radius
