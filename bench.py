@@ -51,14 +51,21 @@ def _rss_peak(fn):
 
 
 def peak_memory(fn):
-    """Peak bytes held by tensors that fn() allocates.
+    """Peak bytes held by tensors that fn() allocates, measured on a call that follows an
+    unprofiled warm-up call of fn (so every measurement starts from the same state).
 
+    Why the warm-up: the CPU profiler remembers blocks allocated while an earlier profile was
+    running, so a tensor kept from the previous measured call (e.g. a .grad that fn frees first)
+    was reported as a negative event and the second reading of the same fn came out smaller
+    (34.9 then 14.7 MiB for one dense SDPA step). After the warm-up, whatever fn frees comes from
+    the unprofiled call, which the profiler never saw and does not report.
     CUDA: torch.cuda.max_memory_allocated above the starting allocation.
     CPU: the running maximum of the profiler's per-allocation "[memory]" events (exact tensor
     bytes, in time order). The per-op memory columns of the profiler are inclusive of nested ops
     and double-count, so they are not used. If the profiler API is missing, the process's peak
     resident set above the start is returned instead (coarser: includes allocator caching).
     """
+    fn()                                                   # unprofiled warm-up
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -22,19 +22,22 @@ What this file implements (self-contained: imports only torch, numpy, scipy and 
     (AMD puts them last; first keeps the SCAP's joints-first layout, the tile count is the same).
   * `blockify` / `block_density`: the tile pattern (tile 16x16 by default) and its density.
   * `BlockSparsePlan`: ordering + padding + tile bookkeeping, precomputed once per mask and
-    shared by every layer built with the same mask (cache keyed by the mask's hash).
+    built once per mask by its owner and passed to every layer that uses it (no global cache).
   * `block_sparse_attention`: block-sparse attention (custom autograd.Function).  Only the
     non-zero key/value tiles of each query tile are gathered.  Query-tile rows are sorted by
     their tile count and grouped into chunks whose rows are padded only to the chunk's longest
     row (the dense-ish joint rows form their own chunk, which is split over batch*heads).  Per
-    piece of work: gather K/V tiles into a reused workspace, one bmm, + element mask, softmax,
-    bmm.  The backward recomputes scores piece by piece (flash-attention style: nothing per tile
-    is kept between forward and backward; rowsum(dO*O) replaces rowsum(P*dP)), so memory is
-    O(B*H*N*D) plus a fixed workspace (`workspace_mb`, default 32 MB), never N x N.
+    piece of work: gather the query rows and K/V tiles token by token straight from q, k, v
+    (original order, rows of a 2-D view; no padded copies) into a reused workspace, one bmm,
+    + element mask, softmax, bmm, scatter into the output (a spare row absorbs padding).  The
+    backward recomputes scores piece by piece (flash-attention style: nothing per tile is kept between forward and backward; rowsum(dO*O) replaces rowsum(P*dP)), so memory is
+    O(B*H*N*D) plus a workspace sized to the problem (default a third of one (B, H, N, D)
+    input in the forward, one input in the backward), never N x N: forward peak 1.2-1.3x
+    dense unmasked SDPA's at N=6904, forward+backward about 1x (`python bench.py sparse_attention`).
   * `BodySparseAttention`: multi-head self-attention module (q/k/v/out projections, heads,
     attention dropout) with impl "block" (above), "dense" (F.scaled_dot_product_attention with
-    the element mask, original token order), "naive" (materialises the N x N scores), and
-    "cuda" (hook for a fused kernel; a later issue).  Semantics "exact" (element mask inside
+    the element mask, original token order) and "naive" (materialises the N x N scores); a
+    fused kernel, when one exists, brings its own module.  Semantics "exact" (element mask inside
     non-zero tiles) or "block" (every element of a non-zero tile, as block-sparse GPU kernels
     do).  Permutation and padding are applied and undone inside; callers never see them.
 
@@ -58,18 +61,15 @@ Departures from the paper / official code:
   * Tile rows are additionally relabelled (whole tiles, rows and columns alike) so that rows are
     sorted by tile count; this is invisible to callers and does not change the tile pattern.
   * The poster lists DeepSpeed (block-sparse GPU kernels) in its implementation.  Here "block" is
-    plain PyTorch; "cuda" is a hook only.  "exact" semantics (default) reproduces the element
+    plain PyTorch (no GPU kernel here).  "exact" semantics (default) reproduces the element
     SCAP exactly; "block" semantics mimics what a tile kernel computes.
   * Padded tokens (N not a multiple of the tile) attend only themselves and are never attended,
     in both semantics, so they cannot leak into real tokens or produce NaN.
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
-import os
-import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -83,10 +83,8 @@ __all__ = ["mesh_adjacency", "build_scap", "reorder", "blockify", "block_density
            "ORDERINGS", "IMPLS", "SEMANTICS"]
 
 ORDERINGS = ("rcm", "amd", "none")
-IMPLS = ("block", "dense", "naive", "cuda")
+IMPLS = ("block", "dense", "naive")
 SEMANTICS = ("exact", "block")
-ENV_IMPL = "BODY_SPARSE_ATTENTION_IMPL"            # force an impl for every module built
-ENV_CUDA_FALLBACK = "BODY_SPARSE_ATTENTION_CUDA_FALLBACK"   # "1": impl="cuda" -> "block"
 
 
 def _err(msg):
@@ -278,13 +276,6 @@ def block_density(mask, tile_size: int = 16, perm=None):
 # ----------------------------------------------------------------------------------------------
 # Block-sparse plan
 # ----------------------------------------------------------------------------------------------
-def _mask_key(m: torch.Tensor) -> str:
-    return hashlib.sha1(np.packbits(m.numpy()).tobytes()).hexdigest() + str(tuple(m.shape))
-
-
-_PLAN_CACHE: dict = {}
-
-
 def _build_plan_state(m, T, ordering, semantics, chunk_fill):
     """Ordering, padding, tile sort and per-chunk key tiles / masks for BlockSparsePlan."""
     N = m.shape[0]
@@ -310,7 +301,9 @@ def _build_plan_state(m, T, ordering, semantics, chunk_fill):
     else:
         allowed = mp
     del mp
-    tok_index = torch.where(real, perm[pos.clamp(max=N - 1)], torch.zeros_like(pos))
+    src = perm[pos.clamp(max=N - 1)]
+    tok_index = torch.where(real, src, torch.zeros_like(pos))      # gather: pad reads token 0
+    tok_scatter = torch.where(real, src, torch.full_like(pos, N))  # scatter: pad -> spare row N
     inv = torch.empty(N, dtype=torch.long)
     inv[tok_index[real]] = torch.arange(Np)[real]
     allowed4 = allowed.view(nT, T, nT, T).permute(0, 2, 1, 3)     # (Np, Np) -> (nT, nT, T, T)
@@ -339,9 +332,9 @@ def _build_plan_state(m, T, ordering, semantics, chunk_fill):
         biases.append(bias)
         padded += n * S
         r = e
-    return {"N": N, "T": T, "nT": nT, "perm": perm, "tok_index": tok_index, "inv": inv,
-            "tile_counts": counts, "chunks": chunks, "key_index": key_index, "bias": biases,
-            "padded_slots": padded}
+    return {"N": N, "T": T, "nT": nT, "perm": perm, "tok_index": tok_index,
+            "tok_scatter": tok_scatter, "inv": inv, "tile_counts": counts, "chunks": chunks,
+            "key_index": key_index, "bias": biases, "padded_slots": padded}
 
 
 class BlockSparsePlan(nn.Module):
@@ -350,16 +343,22 @@ class BlockSparsePlan(nn.Module):
     mask: (N, N) bool, original token order; tile_size T; ordering (see `reorder`);
     semantics "exact" | "block"; chunk_fill: consecutive rows (sorted by tile count) share a
     chunk while their count is >= chunk_fill * the chunk's longest row (bounds padding waste);
-    workspace_mb: scratch memory per kernel call; chunks are split over rows and B*H at call
-    time to fit it (the dense joint rows always end up in their own pieces).
+    workspace_mb: scratch memory per kernel call, or None (default) for a third of the size of
+    one (B, H, N, D) input in the forward and one input's size in the backward, so that peak memory scales with the problem like dense attention's;
+    chunks are split over rows and heads at call time to fit it (the dense joint rows always
+    end up in their own pieces).  Build one plan per mask and pass it to every layer that uses
+    that mask (`BodySparseAttention(..., plan=plan)`): building costs about a second at N=6904.
 
-    Buffers: perm (N,) ordering; tok_index (Np,) token at each padded position (pad -> 0);
+    Buffers: perm (N,) ordering; tok_index (Np,) token read at each padded position (pad -> 0);
+    tok_scatter (Np,) token written from each padded position (pad -> N, a spare row);
     inv (N,) padded position of each token; tile_counts (nT,) sorted descending;
-    key_index_c (n_c * S_c,) key tile of each (row, slot); bias_c (n_c, T, S_c*T) 0 / -inf.
+    key_index_c (n_c * S_c,) key tile of each (row, slot); key_tok_c / key_scatter_c
+    (n_c * S_c * T,) the tokens of those tiles (read / write); bias_c (n_c, T, S_c*T) 0 / -inf.
     """
 
     def __init__(self, mask, tile_size: int = 16, ordering: str = "rcm",
-                 semantics: str = "exact", chunk_fill: float = 0.75, workspace_mb: float = 32.0):
+                 semantics: str = "exact", chunk_fill: float = 0.75,
+                 workspace_mb: float | None = None):
         super().__init__()
         m = _as_bool_matrix(mask, "mask")
         N = m.shape[0]
@@ -367,24 +366,28 @@ class BlockSparsePlan(nn.Module):
             raise _err(f"mask must be square (N, N), got {tuple(m.shape)}")
         if semantics not in SEMANTICS:
             raise _err(f"unknown semantics {semantics!r}, expected one of {SEMANTICS}")
+        if ordering not in ORDERINGS:
+            raise _err(f"unknown ordering {ordering!r}, expected one of {ORDERINGS}")
         if tile_size < 1:
             raise _err(f"tile_size must be >= 1, got {tile_size}")
+        if workspace_mb is not None and not workspace_mb > 0:
+            raise _err(f"workspace_mb must be > 0 or None, got {workspace_mb}")
         m = m.clone()
         m[torch.arange(N), torch.arange(N)] = True                # self loops: no empty row
-        key = (_mask_key(m), tile_size, ordering, semantics, chunk_fill)
-        if key not in _PLAN_CACHE:                                # layers sharing a mask share it
-            if len(_PLAN_CACHE) >= 8:
-                _PLAN_CACHE.pop(next(iter(_PLAN_CACHE)))
-            _PLAN_CACHE[key] = _build_plan_state(m, tile_size, ordering, semantics, chunk_fill)
-        st = _PLAN_CACHE[key]
+        st = _build_plan_state(m, tile_size, ordering, semantics, chunk_fill)
         self.N, self.T, self.nT = st["N"], st["T"], st["nT"]
+        self.tile_size = tile_size
         self.ordering, self.semantics, self.workspace_mb = ordering, semantics, workspace_mb
         self.chunks, self.padded_slots = st["chunks"], st["padded_slots"]
         self.num_tiles = int(st["tile_counts"].sum())
-        for name in ("perm", "tok_index", "inv", "tile_counts"):
+        for name in ("perm", "tok_index", "tok_scatter", "inv", "tile_counts"):
             self.register_buffer(name, st[name], persistent=False)
+        tiles_r = st["tok_index"].view(self.nT, self.T)            # (Np,) -> (nT, T)
+        tiles_w = st["tok_scatter"].view(self.nT, self.T)
         for c, (idx, bias) in enumerate(zip(st["key_index"], st["bias"])):
             self.register_buffer(f"key_index_{c}", idx, persistent=False)
+            self.register_buffer(f"key_tok_{c}", tiles_r[idx].reshape(-1), persistent=False)
+            self.register_buffer(f"key_scatter_{c}", tiles_w[idx].reshape(-1), persistent=False)
             self.register_buffer(f"bias_{c}", bias, persistent=False)
 
     @property
@@ -420,16 +423,16 @@ class BlockSparsePlan(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Block-sparse attention kernel (plain PyTorch)
 # ----------------------------------------------------------------------------------------------
-def _keep_mask(shape, p, seed, c, device):
-    """Dropout keep-mask of work item c, reproducible from (seed, c) for the backward."""
-    g = torch.Generator(device=device)
+def _dropout_uniform(out, seed, c):
+    """Uniform draws of work item c written into `out`, reproducible from (seed, c)."""
+    g = torch.Generator(device=out.device)
     g.manual_seed(int(seed) * 1000003 + c)
-    return torch.rand(shape, generator=g, device=device) >= p
+    return torch.rand(out.shape, generator=g, device=out.device, dtype=out.dtype, out=out)
 
 
 class _Workspace:
-    """Flat scratch buffers reused by every chunk of one forward/backward call (fresh large
-    allocations page-fault on every chunk otherwise); `get(name, *shape)` is a view."""
+    """Flat scratch buffers reused by every piece of work of one forward/backward call (fresh
+    allocations per piece page-fault every time); `get(name, *shape)` is a view."""
 
     def __init__(self, like, sizes):
         self.buf = {k: torch.empty(n, dtype=like.dtype, device=like.device) for k, n in sizes.items()}
@@ -438,78 +441,114 @@ class _Workspace:
         return self.buf[name][:math.prod(shape)].view(*shape)
 
 
-def _work_items(plan, BH, D, elt):
-    """Pieces of work (item, r0, r1, S, key_index, bias, b0, b1): rows r0:r1 of one chunk (all
-    with S key tiles) for heads*batch b0:b1, sized so that one call's scratch (2 score-sized and
-    up to 4 gathered-tile buffers) stays within plan.workspace_mb."""
+# Scratch buffers per (head, row tile, key slot) ("tt": T*T scores, "td": T*D gathered tiles)
+# and per (head, row tile) ("rd": T*D query-side rows) of the forward and the backward.
+_FWD_BUFS = {"tt": ("s", "p"), "td": ("kg", "vg"), "rd": ("qc", "oc")}
+_BWD_BUFS = {"tt": ("s", "p"), "td": ("kg", "vg", "dkg", "dvg"), "rd": ("qc", "doc", "dqc")}
+
+
+def _work_items(plan, B, H, D, elt, bufs, dropout=False, N=None, share=1 / 3):
+    """Pieces of work (c, r0, r1, S, key_tok, key_scatter, bias, b0, b1, h0, h1): rows r0:r1 of
+    one chunk (all with S key tiles) for batch b0:b1 and heads h0:h1, sized so that one call's
+    scratch (`bufs`, plus one more score buffer with dropout) stays within the workspace
+    (plan.workspace_mb, or `share` x the size of one (B, H, N, D) tensor when None: a third
+    in the forward, one in the backward, which allocates dq, dk, dv anyway).  A piece
+    either covers all heads of several batch elements or some heads of one."""
     T = plan.T
-    per = (2 * T * T + 4 * T * D) * elt                       # bytes per (bh, row, slot)
-    cap = max(1, int(plan.workspace_mb * 2 ** 20) // per)     # (bh, row, slot) triples per item
+    n_tt = len(bufs["tt"]) + int(dropout)
+    per = (n_tt * T * T + len(bufs["td"]) * T * D) * elt            # bytes per (head, row, slot)
+    if plan.workspace_mb is None:
+        budget = max(2 ** 18, int(B * H * (N or plan.N) * D * elt * share))
+    else:
+        budget = int(plan.workspace_mb * 2 ** 20)
+    cap = max(1, budget // per)                                     # (head, row, slot) triples
     items = []
-    for r0, r1, S, idx, bias in plan.chunk_tensors():
+    for c, (r0, r1, S) in enumerate(plan.chunks):
         n = r1 - r0
-        idx = idx.view(n, S)                                  # (n*S,) -> (n, S)
-        rows = cap // (BH * S)
-        if rows >= 1:                                         # whole B*H, several rows
+        kt = getattr(plan, f"key_tok_{c}").view(n, S * T)           # (n*S*T,) -> (n, S*T)
+        ks = getattr(plan, f"key_scatter_{c}").view(n, S * T)
+        bias = getattr(plan, f"bias_{c}")
+        bias = bias if bias.numel() else None
+        rows = cap // (B * H * S)
+        if rows >= 1:                                               # all heads, several rows
             pieces = -(-n // rows)
-            step = -(-n // pieces)                            # balanced row pieces
+            step = -(-n // pieces)                                  # balanced row pieces
             for a in range(0, n, step):
                 b = min(n, a + step)
-                items.append((r0 + a, r0 + b, S, idx[a:b].reshape(-1),
-                              None if bias is None else bias[a:b], 0, BH))
-        else:                                                 # one long row, split over B*H
-            hb = max(1, cap // S)
-            for a in range(n):
-                for b0 in range(0, BH, hb):
-                    items.append((r0 + a, r0 + a + 1, S, idx[a], None if bias is None
-                                  else bias[a:a + 1], b0, min(BH, b0 + hb)))
+                items.append((r0 + a, r0 + b, S, kt[a:b].reshape(-1), ks[a:b].reshape(-1),
+                              None if bias is None else bias[a:b], 0, B, 0, H))
+            continue
+        heads = max(1, cap // S)                                    # one row, split over heads
+        for a in range(n):
+            kw = (r0 + a, r0 + a + 1, S, kt[a], ks[a], None if bias is None else bias[a:a + 1])
+            if heads >= H:
+                nb = heads // H
+                for b0 in range(0, B, nb):
+                    items.append((*kw, b0, min(B, b0 + nb), 0, H))
+            else:
+                for b0 in range(B):
+                    for h0 in range(0, H, heads):
+                        items.append((*kw, b0, b0 + 1, h0, min(H, h0 + heads)))
     return [(c, *it) for c, it in enumerate(items)]
 
 
-def _sizes(items, T, D, names_tt, names_td):
-    most = max((b1 - b0) * (r1 - r0) * S for _, r0, r1, S, _, _, b0, b1 in items)
-    out = {k: most * T * T for k in names_tt}
-    out.update({k: most * T * D for k in names_td})
+def _workspace_sizes(items, T, D, bufs, dropout):
+    slots = max((b1 - b0) * (h1 - h0) * (r1 - r0) * S
+                for _, r0, r1, S, _, _, _, b0, b1, h0, h1 in items)
+    rows = max((b1 - b0) * (h1 - h0) * (r1 - r0) for _, r0, r1, _, _, _, _, b0, b1, h0, h1 in items)
+    out = {k: slots * T * T for k in bufs["tt"] + (("r",) if dropout else ())}
+    out.update({k: slots * T * D for k in bufs["td"]})
+    out.update({k: rows * T * D for k in bufs["rd"]})
     return out
 
 
-def _gather_tokens(x, tok, BH, nT, T, D):
-    """(B, H, N, D) any strides -> (BH, nT, T, D) in padded plan order."""
-    return x.index_select(2, tok).view(BH, nT, T, D)   # (B, H, Np, D) -> (BH, nT, T, D)
+def _rows(tok, b0, b1, h0, h1, H, L):
+    """Row indices into a (B*H*L, D) view of a (B, H, L, D) tensor: the tokens `tok` of batch
+    b0:b1, heads h0:h1, in (batch, head, token) order -> (nb*nh*len(tok),) long.  Gathering
+    rows of a 2-D view is several times faster than index_select along dim 2 of a 4-D one."""
+    bh = torch.arange(b0, b1, device=tok.device)[:, None] * H + torch.arange(h0, h1, device=tok.device)
+    return (bh.reshape(-1, 1) * L + tok).reshape(-1)           # (nb*nh, 1) + (len,) -> (nb*nh*len,)
 
 
 class _BlockSparseAttentionFn(torch.autograd.Function):
     """Block-sparse attention over a BlockSparsePlan.  Shapes: B batch, H heads, N tokens,
     D head dim, T tile, nT = Np / T tiles (Np = N padded), chunk c: rows r0:r1 (n = r1 - r0)
-    each with S key tiles (slots)."""
+    each with S key tiles (slots); a piece of work covers nb batch elements x nh heads
+    (m = nb*nh*n row tiles).  Tokens are gathered straight from q, k, v (contiguous, original
+    order: no padded copies); results are written to (B, H, N + 1, D) tensors whose spare row
+    N absorbs what padded positions produce, and a view of the first N rows is returned."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, dropout_p, seed):
         B, H, N, D = q.shape
-        T, nT, BH = plan.T, plan.nT, B * H
-        tok = plan.tok_index
-        qp = _gather_tokens(q, tok, BH, nT, T, D).mul_(scale)        # (BH, nT, T, D), pre-scaled
-        kp = _gather_tokens(k, tok, BH, nT, T, D)
-        vp = _gather_tokens(v, tok, BH, nT, T, D)
-        items = _work_items(plan, BH, D, q.element_size())
-        ws = _Workspace(q, _sizes(items, T, D, ("s", "p"), ("kg", "vg")))
-        op = torch.empty_like(qp)                                    # (BH, nT, T, D)
-        for c, r0, r1, S, idx, bias, b0, b1 in items:
-            n, nb = r1 - r0, b1 - b0
-            kg = torch.index_select(kp[b0:b1], 1, idx, out=ws.get("kg", nb, n * S, T, D))
-            vg = torch.index_select(vp[b0:b1], 1, idx, out=ws.get("vg", nb, n * S, T, D))
-            kg = kg.view(nb * n, S * T, D)                           # (nb, n*S, T, D) -> (nb*n, S*T, D)
-            vg = vg.view(nb * n, S * T, D)
-            qc = qp[b0:b1, r0:r1].reshape(nb * n, T, D)              # (nb, n, T, D) -> (nb*n, T, D)
-            s = torch.bmm(qc, kg.transpose(1, 2), out=ws.get("s", nb * n, T, S * T))
+        T = plan.T
+        items = _work_items(plan, B, H, D, q.element_size(), _FWD_BUFS, dropout_p > 0, N)
+        ws = _Workspace(q, _workspace_sizes(items, T, D, _FWD_BUFS, dropout_p > 0))
+        q2, k2, v2 = q.view(-1, D), k.view(-1, D), v.view(-1, D)    # (B*H*N, D)
+        o = q.new_empty(B, H, N + 1, D)                              # row N: padded positions
+        o2 = o.view(-1, D)                                           # (B*H*(N+1), D)
+        for c, r0, r1, S, ktok, _, bias, b0, b1, h0, h1 in items:
+            n, nb, nh = r1 - r0, b1 - b0, h1 - h0
+            m = nb * nh * n                                          # row tiles of this piece
+            qrows = _rows(plan.tok_index[r0 * T:r1 * T], b0, b1, h0, h1, H, N)   # (m*T,)
+            krows = _rows(ktok, b0, b1, h0, h1, H, N)                # (m*S*T,)
+            qc = torch.index_select(q2, 0, qrows, out=ws.get("qc", m * T, D)).view(m, T, D)
+            kg = torch.index_select(k2, 0, krows, out=ws.get("kg", m * S * T, D)).view(m, S * T, D)
+            vg = torch.index_select(v2, 0, krows, out=ws.get("vg", m * S * T, D)).view(m, S * T, D)
+            del krows
+            s = ws.get("s", m, T, S * T)
+            s = torch.baddbmm(s, qc, kg.transpose(1, 2), beta=0, alpha=scale, out=s)
             if bias is not None:
-                s.view(nb, n, T, S * T).add_(bias.to(s.dtype))       # (nb*n, T, S*T) -> (nb, n, T, S*T)
-            p = torch.softmax(s, dim=-1, out=ws.get("p", nb * n, T, S * T))
+                s.view(nb * nh, n, T, S * T).add_(bias.to(s.dtype))  # (m, T, S*T) -> (nb*nh, n, T, S*T)
+            p = torch.softmax(s, dim=-1, out=ws.get("p", m, T, S * T))
             if dropout_p > 0:
-                p = p * _keep_mask(p.shape, dropout_p, seed, c, p.device) / (1 - dropout_p)
-            op[b0:b1, r0:r1] = torch.bmm(p, vg).view(nb, n, T, D)    # (nb*n, T, D) -> (nb, n, T, D)
-        del ws, qp, kp, vp
-        o = op.view(B, H, nT * T, D).index_select(2, plan.inv)       # (BH, nT, T, D) -> (B, H, N, D)
+                r = _dropout_uniform(ws.get("r", m, T, S * T), seed, c)
+                p.masked_fill_(r < dropout_p, 0).div_(1 - dropout_p)
+            oc = torch.bmm(p, vg, out=ws.get("oc", m, T, D))         # (m, T, D)
+            orows = _rows(plan.tok_scatter[r0 * T:r1 * T], b0, b1, h0, h1, H, N + 1)
+            o2.index_copy_(0, orows, oc.view(m * T, D))
+        del ws
+        o = o[:, :, :N]                                              # (B, H, N, D) view
         ctx.save_for_backward(q, k, v, o)
         ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed = plan, scale, dropout_p, seed
         return o
@@ -519,55 +558,57 @@ class _BlockSparseAttentionFn(torch.autograd.Function):
         q, k, v, o = ctx.saved_tensors
         plan, scale, dropout_p, seed = ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed
         B, H, N, D = q.shape
-        T, nT, BH = plan.T, plan.nT, B * H
-        tok = plan.tok_index
-        # Padded positions hold copies of token 0 and attend only themselves, so whatever they
-        # receive stays in padded positions and is dropped by the final `inv` gathers.
-        delta = (do * o).sum(-1).index_select(2, tok).view(BH, nT, T)  # rowsum(dO*O) = rowsum(P*dP)
-        qp = _gather_tokens(q, tok, BH, nT, T, D).mul_(scale)        # (BH, nT, T, D)
-        kp = _gather_tokens(k, tok, BH, nT, T, D)
-        vp = _gather_tokens(v, tok, BH, nT, T, D)
-        dop = _gather_tokens(do, tok, BH, nT, T, D)
-        dqp = torch.empty_like(qp)
-        dkp = torch.zeros_like(kp)
-        dvp = torch.zeros_like(vp)
-        items = _work_items(plan, BH, D, q.element_size())
-        ws = _Workspace(q, _sizes(items, T, D, ("s", "p"), ("kg", "vg", "dkg", "dvg")))
-        for c, r0, r1, S, idx, bias, b0, b1 in items:
-            n, nb = r1 - r0, b1 - b0
-            kg = torch.index_select(kp[b0:b1], 1, idx, out=ws.get("kg", nb, n * S, T, D))
-            vg = torch.index_select(vp[b0:b1], 1, idx, out=ws.get("vg", nb, n * S, T, D))
-            kg = kg.view(nb * n, S * T, D)                           # (nb, n*S, T, D) -> (nb*n, S*T, D)
-            vg = vg.view(nb * n, S * T, D)
-            qc = qp[b0:b1, r0:r1].reshape(nb * n, T, D)              # (nb, n, T, D) -> (nb*n, T, D)
-            doc = dop[b0:b1, r0:r1].reshape(nb * n, T, D)
-            s = torch.bmm(qc, kg.transpose(1, 2), out=ws.get("s", nb * n, T, S * T))
+        T = plan.T
+        # Padded positions read token 0 and attend only themselves (their key is masked for
+        # every real row), so what they produce lands in the spare row N and is dropped.
+        do = do.contiguous()
+        delta = (do * o).sum(-1).view(-1)                            # (B*H*N,) rowsum(dO*O) = rowsum(P*dP)
+        q2, k2, v2, do2 = q.view(-1, D), k.view(-1, D), v.view(-1, D), do.view(-1, D)
+        dq = q.new_empty(B, H, N + 1, D)
+        dk = q.new_zeros(B, H, N + 1, D)
+        dv = q.new_zeros(B, H, N + 1, D)
+        dq2, dk2, dv2 = dq.view(-1, D), dk.view(-1, D), dv.view(-1, D)   # (B*H*(N+1), D)
+        items = _work_items(plan, B, H, D, q.element_size(), _BWD_BUFS, dropout_p > 0, N, share=1)
+        ws = _Workspace(q, _workspace_sizes(items, T, D, _BWD_BUFS, dropout_p > 0))
+        for c, r0, r1, S, ktok, kscat, bias, b0, b1, h0, h1 in items:
+            n, nb, nh = r1 - r0, b1 - b0, h1 - h0
+            m = nb * nh * n
+            qrows = _rows(plan.tok_index[r0 * T:r1 * T], b0, b1, h0, h1, H, N)   # (m*T,)
+            krows = _rows(ktok, b0, b1, h0, h1, H, N)                # (m*S*T,)
+            qc = torch.index_select(q2, 0, qrows, out=ws.get("qc", m * T, D)).view(m, T, D)
+            doc = torch.index_select(do2, 0, qrows, out=ws.get("doc", m * T, D)).view(m, T, D)
+            dlt = delta.index_select(0, qrows).view(m, T, 1)
+            kg = torch.index_select(k2, 0, krows, out=ws.get("kg", m * S * T, D)).view(m, S * T, D)
+            vg = torch.index_select(v2, 0, krows, out=ws.get("vg", m * S * T, D)).view(m, S * T, D)
+            del krows
+            s = ws.get("s", m, T, S * T)
+            s = torch.baddbmm(s, qc, kg.transpose(1, 2), beta=0, alpha=scale, out=s)
             if bias is not None:
-                s.view(nb, n, T, S * T).add_(bias.to(s.dtype))       # (nb*n, T, S*T) -> (nb, n, T, S*T)
-            p = torch.softmax(s, dim=-1, out=ws.get("p", nb * n, T, S * T))
-            dp = torch.bmm(doc, vg.transpose(1, 2), out=s)           # (nb*n, T, S*T), reuses s
+                s.view(nb * nh, n, T, S * T).add_(bias.to(s.dtype))  # (m, T, S*T) -> (nb*nh, n, T, S*T)
+            p = torch.softmax(s, dim=-1, out=ws.get("p", m, T, S * T))
+            dp = torch.bmm(doc, vg.transpose(1, 2), out=s)           # (m, T, S*T), reuses s
             if dropout_p > 0:
-                keep = _keep_mask(p.shape, dropout_p, seed, c, p.device)
-                dvg = torch.bmm((p * keep).transpose(1, 2), doc, out=ws.get("dvg", nb * n, S * T, D))
-                dvg.div_(1 - dropout_p)
-                dp.mul_(keep).div_(1 - dropout_p)
-                del keep
+                r = _dropout_uniform(ws.get("r", m, T, S * T), seed, c)
+                keep = r >= dropout_p
+                pd = torch.mul(p, keep, out=r).div_(1 - dropout_p)   # dropped P, reuses r
+                dvg = torch.bmm(pd.transpose(1, 2), doc, out=ws.get("dvg", m, S * T, D))
+                dp.masked_fill_(~keep, 0).div_(1 - dropout_p)
+                del keep, pd
             else:
-                dvg = torch.bmm(p.transpose(1, 2), doc, out=ws.get("dvg", nb * n, S * T, D))
-            dvp[b0:b1].index_add_(1, idx, dvg.view(nb, n * S, T, D))  # (nb*n, S*T, D) -> (nb, n*S, T, D)
-            ds = dp.view(nb, n, T, S * T).sub_(delta[b0:b1, r0:r1, :, None])
-            ds = ds.mul_(p.view(nb, n, T, S * T)).view(nb * n, T, S * T)   # dS = P * (dP - delta)
-            dqp[b0:b1, r0:r1] = torch.bmm(ds, kg).view(nb, n, T, D)  # (nb*n, T, D) -> (nb, n, T, D)
-            dkg = torch.bmm(ds.transpose(1, 2), qc, out=ws.get("dkg", nb * n, S * T, D))
-            dkp[b0:b1].index_add_(1, idx, dkg.view(nb, n * S, T, D))  # (nb*n, S*T, D) -> (nb, n*S, T, D)
-        del ws, qp, kp, vp, dop
-        inv = plan.inv
-        dq = dqp.view(B, H, nT * T, D).index_select(2, inv).mul_(scale)   # (BH, nT, T, D) -> (B, H, N, D)
-        del dqp
-        dk = dkp.view(B, H, nT * T, D).index_select(2, inv)
-        del dkp
-        dv = dvp.view(B, H, nT * T, D).index_select(2, inv)
-        return dq, dk, dv, None, None, None, None
+                dvg = torch.bmm(p.transpose(1, 2), doc, out=ws.get("dvg", m, S * T, D))
+            ds = dp.sub_(dlt).mul_(p)                                # dS = P * (dP - delta), (m, T, S*T)
+            dqc = torch.bmm(ds, kg, out=ws.get("dqc", m, T, D))      # (m, T, D)
+            dkg = torch.bmm(ds.transpose(1, 2), qc, out=ws.get("dkg", m, S * T, D))
+            wrows = _rows(kscat, b0, b1, h0, h1, H, N + 1)           # (m*S*T,)
+            dv2.index_add_(0, wrows, dvg.view(m * S * T, D))
+            dk2.index_add_(0, wrows, dkg.view(m * S * T, D))
+            del wrows
+            dq2.index_copy_(0, _rows(plan.tok_scatter[r0 * T:r1 * T], b0, b1, h0, h1, H, N + 1),
+                            dqc.view(m * T, D))
+        del ws
+        dq = dq[:, :, :N].mul_(scale)                                # (B, H, N, D) views
+        dk = dk[:, :, :N].mul_(scale)                                # scores = scale * q k^T
+        return dq, dk, dv[:, :, :N], None, None, None, None
 
 
 def block_sparse_attention(q, k, v, plan: BlockSparsePlan, dropout_p: float = 0.0,
@@ -576,8 +617,10 @@ def block_sparse_attention(q, k, v, plan: BlockSparsePlan, dropout_p: float = 0.
 
     q, k, v: (B, H, N, D) in the ORIGINAL token order (any strides); plan: BlockSparsePlan for
     the (N, N) mask; dropout_p: attention-probability dropout (pass 0 in eval); scale: default
-    D ** -0.5.  Returns (B, H, N, D), original order.  Memory: O(B*H*N*D) plus one chunk of
-    gathered tiles; the backward recomputes scores chunk by chunk.
+    D ** -0.5.  Returns (B, H, N, D), original order (a view of a (B, H, N + 1, D) buffer).
+    Memory: the output plus one workspace (plan.workspace_mb; default a third of an input,
+    one input in the backward);
+    the backward recomputes scores piece by piece and also allocates dq, dk, dv.
     """
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise _err(f"block_sparse_attention: q, k, v must be equal (B, H, N, D), got "
@@ -585,6 +628,7 @@ def block_sparse_attention(q, k, v, plan: BlockSparsePlan, dropout_p: float = 0.
     if q.shape[2] != plan.N:
         raise _err(f"block_sparse_attention: sequence length {q.shape[2]} != mask size {plan.N}")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()     # no-ops for (B, H, N, D) layouts
     seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if dropout_p > 0 else 0
     return _BlockSparseAttentionFn.apply(q, k, v, plan, scale, float(dropout_p), seed)
 
@@ -597,20 +641,18 @@ class BodySparseAttention(nn.Module):
 
     dim: channels C; num_heads: H (C % H == 0); mask: (N, N) bool, True = may attend (its
     diagonal is forced True); tile_size; ordering "rcm" | "amd" | "none"; semantics "exact" |
-    "block"; impl "block" | "dense" | "naive" | "cuda" (env BODY_SPARSE_ATTENTION_IMPL overrides;
-    "cuda" raises NotImplementedError unless cuda_fallback=True or env
-    BODY_SPARSE_ATTENTION_CUDA_FALLBACK=1, which falls back to "block" with a warning);
-    dropout: attention-probability dropout; bias: projection biases; workspace_mb: scratch
-    memory of one block-kernel call (bigger = fewer, larger pieces of work).
+    "block"; impl "block" | "dense" | "naive"; dropout: attention-probability dropout; bias:
+    projection biases; workspace_mb: scratch memory of one block-kernel call (None: a third of
+    one (B, H, N, D) input in the forward, one input in the backward); plan: a BlockSparsePlan of this mask to share between
+    layers (then tile_size, ordering, semantics and workspace_mb come from it).
     Every impl uses the same effective mask (`effective_mask()`), so they agree to rounding.
     """
 
     def __init__(self, dim: int, num_heads: int, mask, tile_size: int = 16,
                  ordering: str = "rcm", semantics: str = "exact", impl: str = "block",
-                 dropout: float = 0.0, bias: bool = True, cuda_fallback: bool = False,
-                 workspace_mb: float = 32.0):
+                 dropout: float = 0.0, bias: bool = True, workspace_mb: float | None = None,
+                 plan: BlockSparsePlan | None = None):
         super().__init__()
-        impl = os.environ.get(ENV_IMPL, impl)
         if impl not in IMPLS:
             raise _err(f"BodySparseAttention: unknown impl {impl!r}, expected one of {IMPLS}")
         if semantics not in SEMANTICS:
@@ -621,17 +663,15 @@ class BodySparseAttention(nn.Module):
                        f"expected one of {ORDERINGS}")
         if dim % num_heads:
             raise _err(f"BodySparseAttention: dim {dim} not divisible by num_heads {num_heads}")
-        if impl == "cuda":
-            if not (cuda_fallback or os.environ.get(ENV_CUDA_FALLBACK) == "1"):
-                raise NotImplementedError(
-                    "sparse_attention.py: impl='cuda' (fused block-sparse CUDA kernel) is a later "
-                    "issue and not implemented yet; use impl='block' (plain PyTorch, any device) "
-                    f"or pass cuda_fallback=True / set {ENV_CUDA_FALLBACK}=1 to fall back to it.")
-            warnings.warn("sparse_attention.py: impl='cuda' not implemented yet, using 'block'")
-            impl = "block"
         m = _as_bool_matrix(mask, "mask")
         if m.shape[0] != m.shape[1]:
             raise _err(f"BodySparseAttention: mask must be square (N, N), got {tuple(m.shape)}")
+        if plan is not None:
+            if not isinstance(plan, BlockSparsePlan) or plan.N != m.shape[0]:
+                raise _err(f"BodySparseAttention: plan must be a BlockSparsePlan of the "
+                           f"{m.shape[0]}-token mask, got {type(plan).__name__} "
+                           f"(N={getattr(plan, 'N', None)})")
+            tile_size, ordering, semantics = plan.tile_size, plan.ordering, plan.semantics
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.num_tokens = m.shape[0]
         self.tile_size, self.ordering, self.semantics, self.impl = tile_size, ordering, semantics, impl
@@ -642,8 +682,9 @@ class BodySparseAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim, bias=bias)
         # Exact semantics never needs the plan for dense/naive; block semantics does.
         need_plan = impl == "block" or semantics == "block"
-        self.plan = (BlockSparsePlan(m, tile_size, ordering, semantics, workspace_mb=workspace_mb)
-                     if need_plan else None)
+        if plan is None and need_plan:
+            plan = BlockSparsePlan(m, tile_size, ordering, semantics, workspace_mb=workspace_mb)
+        self.plan = plan if need_plan else None
         if impl in ("dense", "naive"):
             if semantics == "exact":
                 eff = m.clone()
@@ -678,9 +719,11 @@ class BodySparseAttention(nn.Module):
                        f"C={self.dim}), got {tuple(x.shape)}")
         B, N, C = x.shape
         H, D = self.num_heads, self.head_dim
-        q = self.q_proj(x).view(B, N, H, D).transpose(1, 2)   # (B, N, C) -> (B, N, H, D) -> (B, H, N, D)
-        k = self.k_proj(x).view(B, N, H, D).transpose(1, 2)
-        v = self.v_proj(x).view(B, N, H, D).transpose(1, 2)
+        # (B, N, C) -> (B, N, H, D) -> (B, H, N, D); contiguous here, so that the block kernel
+        # reads rows of one 2-D view and the (B, N, C) projection outputs are freed at once.
+        q = self.q_proj(x).view(B, N, H, D).transpose(1, 2).contiguous()
+        k = self.k_proj(x).view(B, N, H, D).transpose(1, 2).contiguous()
+        v = self.v_proj(x).view(B, N, H, D).transpose(1, 2).contiguous()
         o = self.attend(q, k, v)                              # (B, H, N, D)
         o = o.transpose(1, 2).reshape(B, N, C)                # (B, H, N, D) -> (B, N, H, D) -> (B, N, C)
         return self.out_proj(o)

@@ -24,7 +24,7 @@ def small_scap(rings=10, segments=7, joints=3, seed=0):
     return sa.build_scap(adj, body["skin_weights"], body["joint_regressor"])
 
 
-def pair(mask, semantics, ordering="rcm", tile=8, dim=32, heads=4, workspace_mb=32.0,
+def pair(mask, semantics, ordering="rcm", tile=8, dim=32, heads=4, workspace_mb=None,
          dtype=torch.float32, other="dense"):
     """A block module and a reference module (same weights)."""
     torch.manual_seed(0)
@@ -146,7 +146,7 @@ def test_minimum_degree_reduces_fill():
 # Block kernel vs dense reference
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("semantics", sa.SEMANTICS)
-@pytest.mark.parametrize("ordering,workspace_mb", [("rcm", 32.0), ("amd", 0.05), ("none", 0.01)])
+@pytest.mark.parametrize("ordering,workspace_mb", [("rcm", None), ("amd", 0.05), ("none", 0.01)])
 def test_block_equals_dense_outputs_and_grads(semantics, ordering, workspace_mb):
     m = small_scap()
     blk, ref = pair(m, semantics, ordering, workspace_mb=workspace_mb)
@@ -178,7 +178,9 @@ def test_gradcheck_float64(one_thread):
     plan = sa.BlockSparsePlan(m, tile_size=8, ordering="rcm", semantics="exact",
                               workspace_mb=0.005)      # several work items, split over heads
     assert plan.N == 38 and plan.nT == 5
-    assert len(sa._work_items(plan, 2, 4, 8)) > len(plan.chunks)
+    items = sa._work_items(plan, 1, 2, 4, 8, sa._FWD_BUFS)
+    assert len(items) > len(plan.chunks)
+    assert any(h1 - h0 < 2 for *_, h0, h1 in items)      # some pieces hold one head only
     q, k, v = (torch.randn(1, 2, 38, 4, dtype=torch.float64, requires_grad=True)
                for _ in range(3))
     assert torch.autograd.gradcheck(lambda a, b, c: sa.block_sparse_attention(a, b, c, plan),
@@ -287,25 +289,55 @@ def test_bad_shapes_and_args_clear_errors():
         sa.block_sparse_attention(*(torch.randn(1, 2, 5, 4) for _ in range(3)), mod.plan)
 
 
-def test_cuda_hook(monkeypatch):
+def test_no_cuda_hook_and_no_environment_override(monkeypatch):
     m = small_scap()
-    monkeypatch.delenv(sa.ENV_CUDA_FALLBACK, raising=False)
-    with pytest.raises(NotImplementedError, match="later issue"):
+    with pytest.raises(ValueError, match="unknown impl 'cuda'"):
         sa.BodySparseAttention(32, 4, m, impl="cuda")
-    with pytest.warns(UserWarning, match="using 'block'"):
-        mod = sa.BodySparseAttention(32, 4, m, impl="cuda", cuda_fallback=True)
-    assert mod.impl == "block"
-    monkeypatch.setenv(sa.ENV_IMPL, "dense")
-    assert sa.BodySparseAttention(32, 4, m).impl == "dense"
+    monkeypatch.setenv("BODY_SPARSE_ATTENTION_IMPL", "dense")     # the old override: ignored
+    assert sa.BodySparseAttention(32, 4, m).impl == "block"
+    import inspect
+    assert "os.environ" not in inspect.getsource(sa)
 
 
 def test_plan_shared_between_layers_and_not_in_state_dict():
     m = small_scap()
-    a = sa.BodySparseAttention(32, 4, m, tile_size=8)
-    b = sa.BodySparseAttention(32, 4, m, tile_size=8)
-    assert a.plan.key_index_0 is b.plan.key_index_0        # cached plan tensors
+    plan = sa.BlockSparsePlan(m, tile_size=8, semantics="block")
+    a = sa.BodySparseAttention(32, 4, m, plan=plan)
+    b = sa.BodySparseAttention(32, 4, m, plan=plan)
+    assert a.plan is b.plan and a.semantics == "block" and a.tile_size == 8
+    c = sa.BodySparseAttention(32, 4, m, tile_size=8)         # no hidden cache: its own plan
+    assert c.plan is not a.plan and c.semantics == "exact"
+    x = torch.randn(1, len(m), 32)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(a(x), b(x))
     assert set(a.state_dict()) == {f"{p}_proj.{w}" for p in ("q", "k", "v", "out")
                                    for w in ("weight", "bias")}
+    with pytest.raises(ValueError, match="plan must be a BlockSparsePlan of the 20-token mask"):
+        sa.BodySparseAttention(32, 4, torch.ones(20, 20, dtype=torch.bool), plan=plan)
+
+
+def test_kernel_scratch_follows_the_workspace_budget():
+    """Work pieces fit the budget (default: one (B, H, N, D) input in the backward) and the output
+    comes back in the original order without padded copies of q, k, v."""
+    m = small_scap(rings=12, segments=10)
+    plan = sa.BlockSparsePlan(m, tile_size=8)
+    B, H, D = 2, 4, 8
+    for budget in (None, 0.01):
+        plan.workspace_mb = budget
+        items = sa._work_items(plan, B, H, D, 4, sa._BWD_BUFS, N=len(m), share=1)
+        sizes = sa._workspace_sizes(items, 8, D, sa._BWD_BUFS, False)
+        limit = max(2 ** 18, B * H * len(m) * D * 4) if budget is None else budget * 2 ** 20
+        scores = sum(v for k, v in sizes.items() if k in sa._BWD_BUFS["tt"] + sa._BWD_BUFS["td"])
+        one_slot = (2 * 64 + 4 * 8 * D) * 4
+        assert scores * 4 <= max(limit, one_slot * max(S for _, _, _, S, *_ in items))
+        # every (batch, head, query row tile) appears in exactly one piece
+        seen = torch.zeros(B, H, plan.nT, dtype=torch.long)
+        for _, r0, r1, *_, b0, b1, h0, h1 in items:
+            seen[b0:b1, h0:h1, r0:r1] += 1
+        assert bool((seen == 1).all())
+    q = torch.randn(B, H, len(m), D)
+    o = sa.block_sparse_attention(q, q, q, plan)
+    assert o.shape == q.shape
 
 
 def test_train_mode_dropout_runs_and_eval_is_deterministic():
