@@ -149,7 +149,7 @@ def reference_points(points, cam):
 class DeformableMeshBlock(nn.Module):
     """Body Sparse self-attention -> Deformable Mesh cross-attention -> displacement MLP -> FFN."""
 
-    def __init__(self, cfg, mask):
+    def __init__(self, cfg, mask, plan=None):
         super().__init__()
         D = cfg.dim
         self.detach = cfg.detach_refinement
@@ -157,7 +157,7 @@ class DeformableMeshBlock(nn.Module):
         self.norm1 = nn.LayerNorm(D)
         self.self_attn = BodySparseAttention(D, cfg.num_heads, mask, tile_size=cfg.tile_size,
                                              ordering=cfg.ordering, semantics=cfg.semantics,
-                                             impl=cfg.attn_impl, dropout=cfg.dropout)
+                                             impl=cfg.attn_impl, dropout=cfg.dropout, plan=plan)
         self.norm2 = nn.LayerNorm(D)
         self.cross_attn = MSDeformAttn(D, cfg.num_feature_levels, cfg.deform_heads, cfg.n_points)
         self.norm3 = nn.LayerNorm(D)
@@ -285,7 +285,9 @@ class DeFormer(nn.Module):
             adj = mesh_adjacency(torch.as_tensor(topology["faces"][l]).long(), nv[l], self_loops=True)
             mask = build_scap(adj, f32(topology["skin_weights"][l])[:, joint_to_smpl],
                               f32(topology["joint_regressor"][l]), threshold=cfg.scap_threshold)
-            self.stages.append(nn.ModuleList(DeformableMeshBlock(cfg, mask) for _ in range(n_blocks)))
+            first = DeformableMeshBlock(cfg, mask)           # its attention plan serves the level
+            self.stages.append(nn.ModuleList([first] + [DeformableMeshBlock(cfg, mask, first.self_attn.plan)
+                                                        for _ in range(n_blocks - 1)]))
 
     def _up(self, l):
         return getattr(self, f"up_index_{l}"), getattr(self, f"up_weight_{l}")
