@@ -58,9 +58,12 @@ Departures from the paper / official code
 - Batch-first tensors (B, L, C) instead of the official sequence-first (L, B, C); parameters and
   results are the same.
 - Own multi-head attention module (same parameter names and init as nn.MultiheadAttention) with
-  two interchangeable paths: fused F.scaled_dot_product_attention (default, fast on CPU) and
-  explicit q k^T / softmax / v matmuls (`ATTENTION_IMPL = "math"`), which torch.utils.flop_counter
-  counts (it does not count CPU SDPA); bench.py uses "math" for FLOPs.
+  two interchangeable paths, chosen per model (`FastMETROConfig.attention_impl`): "sdpa" (default:
+  fused F.scaled_dot_product_attention without dropout, the explicit path with it, where CPU SDPA
+  is slower) and "math" (always explicit q k^T / softmax / v matmuls, which
+  torch.utils.flop_counter counts; it does not count CPU SDPA). The explicit path adds the mask
+  in place as one additive float mask (0 / -inf), as nn.MultiheadAttention's baddbmm does, instead
+  of an out-of-place masked_fill on the (B, H, Lq, Lk) scores; results are bit-identical.
 - Token counts, the attention mask and the up/down maps come from the `topology` dict (any body
   model in SMPL format, e.g. the toy body or a test icosphere), not from SMPL data files. The
   learnable upsampling layer is `Linear(V2, V1)` (431 -> 1723 for SMPL).
@@ -112,6 +115,7 @@ class FastMETROConfig:
     feedforward_dim_2: int = 512
     nhead: int = 8
     dropout: float = 0.1
+    attention_impl: str = "sdpa"                  # "sdpa" | "math" (explicit, FLOP-countable)
     conv_1x1_dim: int | None = None               # backbone channels; None -> backbone.out_channels
     use_learnable_upsample: bool = False          # official option: Linear(V1, V0) for V1 -> V0
     use_smpl_param_regressor: bool = False        # official option, see header
@@ -153,7 +157,7 @@ TRAIN_DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, clip_grad_norm=0.3, clip_mode=
                       batch_per_gpu=16, paper_global_batch=64, lr_drop_epochs=[])
 
 H36M_PELVIS = 0
-ATTENTION_IMPL = "sdpa"          # "sdpa" (fused) or "math" (explicit matmuls, for FLOP counting)
+ATTENTION_IMPLS = ("sdpa", "math")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -246,16 +250,19 @@ class MultiheadAttention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter names and init.
 
     Parameters `in_proj_weight (3C, C)`, `in_proj_bias (3C,)`, `out_proj` (Linear C -> C); dropout
-    on the attention probabilities. The module-level `ATTENTION_IMPL` picks the fused
-    F.scaled_dot_product_attention ("sdpa", default) or explicit q k^T / softmax / v matmuls
-    ("math"; counted by torch.utils.flop_counter, which does not count CPU SDPA). Same results.
+    on the attention probabilities. impl "sdpa" (default) uses the fused
+    F.scaled_dot_product_attention when there is no dropout and the explicit path otherwise;
+    "math" always takes explicit q k^T / softmax / v matmuls (counted by torch.utils.flop_counter,
+    which does not count CPU SDPA). Same results.
     """
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0):
+    def __init__(self, embed_dim, num_heads, dropout=0.0, impl="sdpa"):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"fastmetro.py: embed_dim {embed_dim} not divisible by num_heads {num_heads}")
-        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"fastmetro.py: unknown attention impl {impl!r}, expected one of {ATTENTION_IMPLS}")
+        self.embed_dim, self.num_heads, self.dropout, self.impl = embed_dim, num_heads, dropout, impl
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
         self.out_proj = nn.Linear(embed_dim, embed_dim)
@@ -274,13 +281,14 @@ class MultiheadAttention(nn.Module):
         k = F.linear(key, w_k, b_k).reshape(B, Lk, H, C // H).transpose(1, 2)
         v = F.linear(value, w_v, b_v).reshape(B, Lk, H, C // H).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        if ATTENTION_IMPL == "sdpa" and p == 0:                               # fused kernel (default)
+        if self.impl == "sdpa" and p == 0:                                    # fused kernel (default)
             keep = None if attn_mask is None else ~attn_mask                  # SDPA: True = may attend
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
         else:                          # explicit maths ("math"; also with dropout, where CPU SDPA is slower)
             attn = (q * (C // H) ** -0.5) @ k.transpose(-2, -1)             # (B, H, Lq, Lk)
-            if attn_mask is not None:
-                attn = attn.masked_fill(attn_mask, float("-inf"))
+            if attn_mask is not None:  # one additive float mask, added in place (matmul keeps no output)
+                attn.add_(torch.zeros(attn_mask.shape, dtype=attn.dtype, device=attn.device)
+                          .masked_fill_(attn_mask, float("-inf")))          # (Lq, Lk) broadcast
             attn = F.dropout(attn.softmax(-1), p) if p > 0 else attn.softmax(-1)
             out = attn @ v                                                    # (B, H, Lq, C/H)
         out = out.transpose(1, 2).reshape(B, Lq, C)                           # (B, H, Lq, C/H) -> (B, Lq, C)
@@ -290,9 +298,9 @@ class MultiheadAttention(nn.Module):
 class TransformerEncoderLayer(nn.Module):
     """Pre-norm encoder layer; the positional encoding is added to queries and keys only."""
 
-    def __init__(self, d, nhead, ff, dropout):
+    def __init__(self, d, nhead, ff, dropout, attention_impl="sdpa"):
         super().__init__()
-        self.self_attn = MultiheadAttention(d, nhead, dropout)
+        self.self_attn = MultiheadAttention(d, nhead, dropout, attention_impl)
         self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout, self.dropout1, self.dropout2 = (nn.Dropout(dropout) for _ in range(3))
@@ -309,10 +317,10 @@ class TransformerEncoderLayer(nn.Module):
 class TransformerDecoderLayer(nn.Module):
     """Pre-norm decoder layer: masked self-attention, cross-attention, FFN. Query pos = 0."""
 
-    def __init__(self, d, nhead, ff, dropout):
+    def __init__(self, d, nhead, ff, dropout, attention_impl="sdpa"):
         super().__init__()
-        self.self_attn = MultiheadAttention(d, nhead, dropout)
-        self.multihead_attn = MultiheadAttention(d, nhead, dropout)
+        self.self_attn = MultiheadAttention(d, nhead, dropout, attention_impl)
+        self.multihead_attn = MultiheadAttention(d, nhead, dropout, attention_impl)
         self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout, self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(4))
@@ -358,13 +366,15 @@ class Transformer(nn.Module):
     parameter with dim > 1 (as the official `_reset_parameters`)."""
 
     def __init__(self, model_dim=512, nhead=8, num_enc_layers=3, num_dec_layers=3,
-                 feedforward_dim=2048, dropout=0.1):
+                 feedforward_dim=2048, dropout=0.1, attention_impl="sdpa"):
         super().__init__()
         self.encoder = TransformerEncoder(
-            [TransformerEncoderLayer(model_dim, nhead, feedforward_dim, dropout) for _ in range(num_enc_layers)],
+            [TransformerEncoderLayer(model_dim, nhead, feedforward_dim, dropout, attention_impl)
+             for _ in range(num_enc_layers)],
             model_dim)
         self.decoder = TransformerDecoder(
-            [TransformerDecoderLayer(model_dim, nhead, feedforward_dim, dropout) for _ in range(num_dec_layers)],
+            [TransformerDecoderLayer(model_dim, nhead, feedforward_dim, dropout, attention_impl)
+             for _ in range(num_dec_layers)],
             model_dim)
         for p in self.parameters():
             if p.dim() > 1:
@@ -568,8 +578,8 @@ class FastMETRO(nn.Module):
         if c_in is None:
             raise ValueError("fastmetro.py: cfg.conv_1x1_dim is None and the backbone has no `out_channels`")
 
-        self.transformer_1 = Transformer(d1, cfg.nhead, L, L, cfg.feedforward_dim_1, cfg.dropout)
-        self.transformer_2 = Transformer(d2, cfg.nhead, L, L, cfg.feedforward_dim_2, cfg.dropout)
+        self.transformer_1 = Transformer(d1, cfg.nhead, L, L, cfg.feedforward_dim_1, cfg.dropout, cfg.attention_impl)
+        self.transformer_2 = Transformer(d2, cfg.nhead, L, L, cfg.feedforward_dim_2, cfg.dropout, cfg.attention_impl)
         self.dim_reduce_enc_cam = nn.Linear(d1, d2)
         self.dim_reduce_enc_img = nn.Linear(d1, d2)
         self.dim_reduce_dec = nn.Linear(d1, d2)

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastmetro as fm
@@ -144,13 +145,54 @@ def test_attention_matches_torch_multihead_attention():
     mask = torch.rand(7, 5) > 0.6
     mask[:, 0] = False                                                         # no fully blocked row
     expect = ref(q.transpose(0, 1), k.transpose(0, 1), k.transpose(0, 1), attn_mask=mask)[0].transpose(0, 1)
-    default = fm.ATTENTION_IMPL
-    try:
-        for impl in ("sdpa", "math"):                                          # fused and explicit paths
-            fm.ATTENTION_IMPL = impl
-            torch.testing.assert_close(ours(q, k, k, attn_mask=mask), expect, atol=1e-5, rtol=1e-5)
-    finally:
-        fm.ATTENTION_IMPL = default
+    for impl in ("sdpa", "math"):                                              # fused and explicit paths
+        ours.impl = impl
+        torch.testing.assert_close(ours(q, k, k, attn_mask=mask), expect, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        fm.MultiheadAttention(32, 4, impl="flash")
+
+
+def _attention_before_folding(m, query, key, value, attn_mask):
+    """The explicit path as it was before the mask was folded in (out-of-place masked_fill)."""
+    B, Lq, C = query.shape
+    Lk, H = key.shape[1], m.num_heads
+    w_q, w_k, w_v = m.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = m.in_proj_bias.chunk(3)
+    q = F.linear(query, w_q, b_q).reshape(B, Lq, H, C // H).transpose(1, 2)
+    k = F.linear(key, w_k, b_k).reshape(B, Lk, H, C // H).transpose(1, 2)
+    v = F.linear(value, w_v, b_v).reshape(B, Lk, H, C // H).transpose(1, 2)
+    attn = (q * (C // H) ** -0.5) @ k.transpose(-2, -1)
+    attn = attn.masked_fill(attn_mask, float("-inf"))
+    attn = F.dropout(attn.softmax(-1), m.dropout)
+    out = (attn @ v).transpose(1, 2).reshape(B, Lq, C)
+    return m.out_proj(out)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_folded_mask_equals_old_path_with_dropout(impl):
+    """Training with dropout: the additive in-place mask gives the old masked_fill path's
+    outputs and gradients exactly, under the same dropout seed."""
+    torch.manual_seed(0)
+    m = fm.MultiheadAttention(32, 4, dropout=0.3, impl=impl).train()
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    mask = torch.rand(9, 9) > 0.5
+    mask.fill_diagonal_(False)
+    g = torch.randn(2, 9, 32)
+    grads = []
+    for f in (lambda: m(x, x, x, attn_mask=mask), lambda: _attention_before_folding(m, x, x, x, mask)):
+        torch.manual_seed(7)
+        y = f()
+        grads.append((y, *torch.autograd.grad(y, [x, *m.parameters()], g)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    torch.manual_seed(8)
+    assert not torch.equal(m(x, x, x, attn_mask=mask), grads[0][0])      # dropout is on
+
+
+def test_attention_impl_is_a_config_argument(icosphere_topology):
+    model = fm.FastMETRO(_cfg(attention_impl="math"), fm._StandInBackbone(64), icosphere_topology)
+    impls = {mod.impl for mod in model.modules() if isinstance(mod, fm.MultiheadAttention)}
+    assert impls == {"math"} and not hasattr(fm, "ATTENTION_IMPL")
 
 
 def test_decoder_mask_semantics(icosphere_topology):
