@@ -15,8 +15,7 @@ NO_ENVIRON = MODEL_FILES + ("featup",) + ATTENTION_FILES
 # No known cycle left: model building/loading lives in checkpoints.py and the metrics in metrics.py,
 # so train.py, evaluate.py and demo.py import concepts only (issue 13 item 2).
 KNOWN_CYCLE_EDGES = set()
-# Known environment reads, removed in parallel (issue 13 item 3, sparse_attention's impl override).
-KNOWN_ENVIRON = {"sparse_attention"}
+KNOWN_ENVIRON: set = set()              # sparse_attention.py no longer reads the environment
 
 
 def _tree(name):
