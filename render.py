@@ -9,7 +9,7 @@ What it does
 - `rasterize(screen, faces, size)`: z-buffer.  Every (mesh, triangle) pair of a batch is
   handled at once: each triangle's candidates are exactly the pixel centres of its pixel
   bounding box (a flat list built with repeat_interleave, so a 3 x 5 box costs 15 candidates,
-  not the 64 of a power-of-two square bin: 2-2.5x faster at 1024 x 1024, same buffers bit for
+  not the 64 of a power-of-two square bin: about 2x faster at 1024 x 1024, same buffers bit for
   bit); they are tested with edge functions (barycentrics), the perspective-correct depth is
   interpolated, and the nearest triangle per pixel is found with ONE `scatter_reduce(amin)` on
   packed int64 keys `(float32 depth bits << 32) | face index` (positive float32 bit patterns
