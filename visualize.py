@@ -20,8 +20,9 @@ Papers (figures re-drawn, no code used):
 - FeatUp: Fu et al., "FeatUp: A Model-Agnostic Framework for Features at Any Resolution",
   ICLR 2024, https://arxiv.org/abs/2403.10516 (PCA feature pictures).
 
-Every subcommand takes --ckpt (a train.py checkpoint) or --model/--preset (random weights, seeded
-by --seed, to see what the tools draw), --image (one photo, read as demo.py reads photos: EXIF,
+Every subcommand takes --ckpt (a train.py checkpoint), --weights FILE with --model/--preset (a
+released state dict, checkpoints.py), or --model [--preset tiny] alone (random weights, seeded by
+--seed, to see what the tools draw), --image (one photo, read as demo.py reads photos (photo.py): EXIF,
 16-bit, alpha) and optional --box x1,y1,x2,y2 (default: the largest centred square), and writes
 `OUT/<subcommand>/*.png` plus `<subcommand>.npz` holding exactly the arrays that were drawn.
 
@@ -67,10 +68,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import checkpoints
 import deformable_attention
-import demo
+import photo
 import render
-import train
 from sparse_attention import block_density, blockify, build_scap, mesh_adjacency, reorder
 
 LSP_NAMES = ("R_Ankle", "R_Knee", "R_Hip", "L_Hip", "L_Knee", "L_Ankle", "R_Wrist", "R_Elbow",
@@ -174,36 +175,46 @@ def dots(panel, points, colours, radius=1):
 
 # ----------------------------------------------------------------------------- model and input
 def load(args):
-    """--ckpt or --model/--preset -> (model, body_model, model name)."""
+    """--ckpt, --weights (+ --model/--preset) or --model/--preset alone (random weights)
+    -> (model, body_model, model name, topology the model was built on)."""
     device = torch.device(args.device)
-    if args.ckpt:
-        model, body_model, cfg = train.load_model_from_checkpoint(args.ckpt, device, body=args.body)
-        return model, body_model, cfg["model"]
-    if not args.model:
-        raise SystemExit("visualize.py: give --ckpt CHECKPOINT, or --model NAME --preset PRESET for random weights")
-    torch.manual_seed(args.seed)
-    body_model = train.build_body(args.body).to(device)
-    overrides = train.parse_overrides(args.set)
-    model, _ = train.build_model(args.model, args.preset, body_model, overrides=overrides, device=device)
-    return model.eval(), body_model, args.model
+    if args.ckpt or args.weights:
+        model, body_model, info = checkpoints.load_for_inference(
+            device, ckpt=args.ckpt, weights=args.weights, model=args.model, preset=args.preset, body=args.body,
+            h36m_regressor=args.h36m_regressor, mesh_hierarchy=args.mesh_hierarchy)
+        name = info["model"]
+    elif args.model:
+        torch.manual_seed(args.seed)
+        body_model = checkpoints.build_body(args.body, args.h36m_regressor).to(device)
+        hierarchy, _ = checkpoints.load_hierarchy(body_model, args.mesh_hierarchy)
+        model, _ = checkpoints.build_model(args.model, args.preset or "tiny", body_model,
+                                           overrides=checkpoints.parse_overrides(args.set), device=device,
+                                           hierarchy=hierarchy)
+        model.topology_used = body_model.topology(hierarchy=hierarchy)
+        model.eval()
+        name = args.model
+    else:
+        raise SystemExit("visualize.py: give --ckpt CHECKPOINT, --weights FILE with --model/--preset, or "
+                         "--model NAME [--preset PRESET] for random weights")
+    return model, body_model, name, checkpoints.model_topology_view(model, body_model)
 
 
 def input_crop(args, model):
     """--image (+ --box) -> (crop as uint8 (H, W, 3), model input (1, 3, H, W))."""
     if not args.image:
         raise SystemExit(f"visualize.py {args.command}: --image is required")
-    image = demo.read_image(args.image)
+    image = photo.read_image(args.image)
     if args.box:
         try:
             box = [float(v) for v in args.box.split(",")]
         except ValueError:
             raise SystemExit(f"visualize.py: --box {args.box!r} must be x1,y1,x2,y2") from None
-        cx, cy, side = demo.square_box(demo.check_box(box, f"--box {args.box}"), args.box_scale)
+        cx, cy, side = photo.square_box(photo.check_box(box, f"--box {args.box}"), args.box_scale)
     else:
         W, H = image.size
         cx, cy, side = W / 2, H / 2, min(W, H)
-    patch, _ = demo.crop(image, cx, cy, side, tuple(model.cfg.input_size))
-    x = demo.to_tensor(patch)[None].to(args.device)
+    patch, _ = photo.crop(image, cx, cy, side, tuple(model.cfg.input_size))
+    x = photo.to_tensor(patch)[None].to(args.device)
     return np.asarray(patch), x
 
 
@@ -304,7 +315,7 @@ def decoder_attention_modules(model):
 
 
 def cmd_attention(args):
-    model, body_model, name = load(args)
+    model, body_model, name, topo = load(args)
     if name not in ("fastmetro", "tore"):
         raise SystemExit(f"visualize.py attention: needs a FastMETRO or TORE model, got {name}")
     patch, x = input_crop(args, model)
@@ -374,7 +385,7 @@ def cmd_attention(args):
 
 # ----------------------------------------------------------------------------- clusters
 def cmd_clusters(args):
-    model, _, name = load(args)
+    model, _, name, _ = load(args)
     if name != "tore" or not model.cfg.use_itp:
         raise SystemExit("visualize.py clusters: needs a TORE model with image-token pruning (use_itp)")
     patch, x = input_crop(args, model)
@@ -433,7 +444,7 @@ class DeformableRecorder:
 
 
 def cmd_sampling(args):
-    model, body_model, name = load(args)
+    model, body_model, name, topo = load(args)
     if name != "deformer":
         raise SystemExit(f"visualize.py sampling: needs a DeFormer model, got {name}")
     patch, x = input_crop(args, model)
@@ -470,7 +481,6 @@ def cmd_sampling(args):
             share = float(attn[chosen, :, l].sum(-1).mean()) if chosen else 0.0  # of each head's weight
             panels.append((f"block {b}, level {l} ({hl}x{wl}): {100 * share:.0f}% of the weight", pic))
         files.append(figure([panels], dest / f"block{b}.png"))
-    topo = body_model.topology()
     cam = out["cam"][0].cpu().numpy()
     steps, moves = [], []
     vps = [v[0].cpu().numpy() for v in out["vertices_per_step"]]
@@ -509,7 +519,7 @@ def pca_rgb(feat, mean, basis, lo, hi):
 
 
 def cmd_features(args):
-    model, _, name = load(args)
+    model, _, name, _ = load(args)
     if name != "featup_hmr" or model.cfg.upsampler == "none":
         raise SystemExit("visualize.py features: needs a FeatUp-HMR model with an upsampler (jbu or bilinear)")
     patch, x = input_crop(args, model)
@@ -560,10 +570,9 @@ def downsample_bool(m, max_px):
 
 
 def cmd_scap(args):
-    model, body_model, name = load(args)
+    model, body_model, name, topo = load(args)
     if name != "deformer":
         raise SystemExit(f"visualize.py scap: needs a DeFormer model, got {name}")
-    topo = body_model.topology()
     dest = Path(args.out) / "scap"
     files, arrays = [], {}
     for s, blocks in enumerate(model.stages):
@@ -620,7 +629,7 @@ def rot_x(deg):
 
 
 def cmd_mesh(args):
-    model, body_model, _ = load(args)
+    model, body_model, _, _ = load(args)
     patch, x = input_crop(args, model)
     with torch.no_grad():
         out = model(x)
@@ -649,10 +658,9 @@ COMMANDS = {"attention": cmd_attention, "clusters": cmd_clusters, "sampling": cm
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=sorted(COMMANDS))
-    p.add_argument("--ckpt", default=None, help="train.py checkpoint")
-    p.add_argument("--model", default=None, choices=train.MODELS, help="random weights (without --ckpt)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (with --model)")
+    checkpoints.add_model_args(p)     # --ckpt | --weights with --model/--preset; body, regressor, hierarchy
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override (random weights: --model without --ckpt/--weights; preset default tiny)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", default=None)
     p.add_argument("--box", default=None, help="x1,y1,x2,y2 person box in the image (enlarged by --box-scale)")
@@ -662,7 +670,6 @@ def parse_args(argv=None):
     p.add_argument("--view-size", type=int, default=None, help="mesh: side of each view (default: crop height)")
     p.add_argument("--scap-px", type=int, default=512, help="scap: largest picture side of a pattern")
     p.add_argument("--out", default="outputs/visualize")
-    p.add_argument("--body", default=None)
     p.add_argument("--device", default="cpu")
     return p.parse_args(argv)
 

@@ -14,10 +14,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
 import render  # noqa: E402
-import train  # noqa: E402
+import photo  # noqa: E402
 from mesh import icosphere  # noqa: E402
 
 ORIENTATION = 0x0112
@@ -40,7 +41,7 @@ def test_exif_orientation_is_applied(tmp_path):
         p = tmp_path / f"o{o}.jpg"
         save_with_orientation(Image.fromarray(a), p, o)
         assert Image.open(p).size != (40, 60) or o == 3               # stored rotated
-        img = np.asarray(demo.read_image(p))
+        img = np.asarray(photo.read_image(p))
         assert img.shape == (60, 40, 3)
         assert img[:15, :, 0].mean() > 200 and img[30:, :, 0].mean() < 40, o
         with Image.open(p) as raw:
@@ -67,18 +68,18 @@ def test_16bit_greyscale_alpha_and_palette_images(tmp_path):
     g16 = np.full((20, 30), 40000, np.uint16)
     Image.fromarray(g16).save(tmp_path / "g16.png")
     assert Image.open(tmp_path / "g16.png").mode.startswith("I")
-    img = np.asarray(demo.read_image(tmp_path / "g16.png"))
+    img = np.asarray(photo.read_image(tmp_path / "g16.png"))
     assert img.shape == (20, 30, 3) and abs(int(img[0, 0, 0]) - round(40000 / 257)) <= 1     # not white
     rgba = np.zeros((10, 10, 4), np.uint8)
     rgba[..., 0] = 200
     rgba[:5, :, 3] = 255                                               # top opaque, bottom transparent
     Image.fromarray(rgba).save(tmp_path / "a.png")
-    img = np.asarray(demo.read_image(tmp_path / "a.png"))
+    img = np.asarray(photo.read_image(tmp_path / "a.png"))
     assert (img[:5, :, 0] == 200).all() and (img[5:] == 0).all()
     Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "l.png")
-    assert (np.asarray(demo.read_image(tmp_path / "l.png")) == 77).all()
+    assert (np.asarray(photo.read_image(tmp_path / "l.png")) == 77).all()
     Image.fromarray(rgba[..., :3]).convert("P").save(tmp_path / "p.png")
-    assert demo.read_image(tmp_path / "p.png").mode == "RGB"
+    assert photo.read_image(tmp_path / "p.png").mode == "RGB"
 
 
 @pytest.mark.parametrize("entry, match", [
@@ -89,7 +90,7 @@ def test_bad_boxes_name_file_and_index(tmp_path, entry, match):
     p = tmp_path / "boxes.json"
     p.write_text(json.dumps({"a.jpg": entry}))
     with pytest.raises(ValueError, match=match) as e:
-        demo.load_boxes(p)
+        photo.load_boxes(p)
     assert str(p) in str(e.value) and "a.jpg" in str(e.value)
 
 
@@ -101,14 +102,14 @@ def test_coco_and_openpose_boxes(tmp_path):
                             {"image_id": 7, "category_id": 1, "keypoints": [0, 0, 2, 10, 40, 2, 99, 99, 0]}]}
     p = tmp_path / "coco.json"
     p.write_text(json.dumps(coco))
-    boxes = demo.load_coco(p, scale=1.0)
+    boxes = photo.load_coco(p, scale=1.0)
     assert boxes == {"a.jpg": [(25.0, 50.0, 60.0), (5.0, 20.0, 40.0)]}
     p.write_text(json.dumps([{"image_id": 3, "bbox": [0, 0, 4, 4]}]))
     with pytest.raises(ValueError, match="detection 0: image_id 3 names no file"):
-        demo.load_coco(p)
+        photo.load_coco(p)
     p.write_text(json.dumps([{"file_name": "b.png", "bbox": [0, 0, -4, 4]}]))
     with pytest.raises(ValueError, match="detection 0 .*inverted"):
-        demo.load_coco(p)
+        photo.load_coco(p)
     # OpenPose: SPIN's rule (confidence > 0.2, centre = mean, side = extent x rescale).
     op = tmp_path / "op"
     op.mkdir()
@@ -116,10 +117,10 @@ def test_coco_and_openpose_boxes(tmp_path):
     (op / "a_keypoints.json").write_text(json.dumps({"people": [{"pose_keypoints_2d": kp},
                                                                 {"pose_keypoints_2d": [1, 1, 0.1]}]}))
     files = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
-    assert demo.load_openpose(op, files, scale=1.2) == {"a.jpg": [(20.0, 30.0, 48.0)]}
+    assert photo.load_openpose(op, files, scale=1.2) == {"a.jpg": [(20.0, 30.0, 48.0)]}
     (op / "a_keypoints.json").write_text(json.dumps({"people": [{"pose_keypoints_2d": [1, 2]}]}))
     with pytest.raises(ValueError, match="person 0: keypoints"):
-        demo.load_openpose(op, files)
+        photo.load_openpose(op, files)
 
 
 def test_output_stems_never_collide():
@@ -136,14 +137,14 @@ def test_full_image_camera_puts_the_mesh_where_the_crop_had_it():
     image = Image.fromarray(np.zeros((300, 400, 3), np.uint8))        # non-square photo
     cx, cy, side = 250.0, 120.0, 150.0
     in_hw, focal = (64, 64), 300.0
-    patch, info = demo.crop(image, cx, cy, side, in_hw)
+    patch, info = photo.crop(image, cx, cy, side, in_hw)
     t = torch.tensor([0.05, -0.1, 2.0])
     crop_mask = render.render(v[None], f, focal, None, in_hw, translation=t[None])["mask"][0]
     fl, centre = demo.full_image_camera(info, in_hw, focal)
     full = render.render(v[None], f, fl, torch.tensor(centre, dtype=torch.float32)[None], (300, 400),
                          translation=t[None])["mask"][0]
     back = Image.fromarray(full.numpy().astype(np.uint8) * 255)
-    back, _ = demo.crop(back.convert("RGB"), cx, cy, side, in_hw)    # the full render, cropped again
+    back, _ = photo.crop(back.convert("RGB"), cx, cy, side, in_hw)    # the full render, cropped again
     back = np.asarray(back)[..., 0] > 127
     inter, union = (back & crop_mask.numpy()).sum(), (back | crop_mask.numpy()).sum()
     assert union > 100 and inter / union > 0.9
@@ -153,7 +154,7 @@ def test_full_image_camera_puts_the_mesh_where_the_crop_had_it():
 def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_ckpt") / "fm.pt"
     torch.manual_seed(0)
-    model, _ = train.build_model("fastmetro", "tiny", train.build_body())
+    model, _ = checkpoints.build_model("fastmetro", "tiny", checkpoints.build_body())
     with torch.no_grad():                                              # a camera that puts the mesh in view
         model.cam_predictor.weight.zero_()
         model.cam_predictor.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
@@ -186,6 +187,6 @@ def test_demo_folder_of_photos(ckpt, tmp_path):
                    "--out", str(tmp_path / "boxed"), "--device", "cpu"])
     assert n == 2
     full = np.asarray(Image.open(tmp_path / "boxed" / "a_full.png"))
-    photo = np.asarray(demo.read_image(src / "a.jpg"))
-    changed = (full != photo).any(-1)
+    picture = np.asarray(photo.read_image(src / "a.jpg"))
+    changed = (full != picture).any(-1)
     assert changed[:, :75].any() and changed[:, 85:].any()             # a mesh in each person's box

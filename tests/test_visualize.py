@@ -14,8 +14,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import demo  # noqa: E402
-import train  # noqa: E402
+import photo  # noqa: E402
+import checkpoints  # noqa: E402
 import visualize as V  # noqa: E402
 
 
@@ -23,10 +23,10 @@ import visualize as V  # noqa: E402
 def ckpts(tmp_path_factory):
     out = tmp_path_factory.mktemp("vis_ckpt")
     torch.manual_seed(0)
-    body = train.build_body()
+    body = checkpoints.build_body()
     paths = {}
-    for name in train.MODELS:
-        model, _ = train.build_model(name, "tiny", body)
+    for name in checkpoints.MODELS:
+        model, _ = checkpoints.build_model(name, "tiny", body)
         paths[name] = out / f"{name}.pt"
         torch.save({"model": model.state_dict(), "config": {"model": name, "preset": "tiny", "set": []}},
                    paths[name])
@@ -39,11 +39,11 @@ def ckpts(tmp_path_factory):
 
 def model_input(ckpt, image):
     """The model and the input tensor visualize.py used (same crop: largest centred square)."""
-    model, body, _ = train.load_model_from_checkpoint(ckpt, "cpu")
-    im = demo.read_image(image)
+    model, body, _ = checkpoints.load_model_from_checkpoint(ckpt, "cpu")
+    im = photo.read_image(image)
     W, H = im.size
-    patch, _ = demo.crop(im, W / 2, H / 2, min(W, H), tuple(model.cfg.input_size))
-    return model, body, demo.to_tensor(patch)[None]
+    patch, _ = photo.crop(im, W / 2, H / 2, min(W, H), tuple(model.cfg.input_size))
+    return model, body, photo.to_tensor(patch)[None]
 
 
 def drawn_cells(path, row, col, panel_hw, grid_hw):
@@ -180,7 +180,7 @@ def test_scap_tiles_and_density_are_the_models(tmp_path):
     res = V.main(["scap", "--model", "deformer", "--preset", "tiny", "--set", "semantics=exact",
                   "--out", str(tmp_path)])
     d = np.load(res["npz"])
-    model, _, _ = V.load(V.parse_args(["scap", "--model", "deformer", "--set", "semantics=exact"]))
+    model, _, _, _ = V.load(V.parse_args(["scap", "--model", "deformer", "--set", "semantics=exact"]))
     from sparse_attention import blockify
     for s, blocks in enumerate(model.stages):
         attn = blocks[0].self_attn
@@ -211,3 +211,17 @@ def test_mesh_views(ckpts, tmp_path):
 def test_wrong_model_is_refused(ckpts, tmp_path):
     with pytest.raises(SystemExit, match="TORE"):
         V.main(["clusters", "--ckpt", str(ckpts["fastmetro"]), "--image", str(ckpts["image"]), "--out", str(tmp_path)])
+
+
+def test_released_weights_draw_the_same_as_the_checkpoint(ckpts, tmp_path):
+    """--weights (a bare state dict, checkpoints.py's released-checkpoint path) gives the same maps."""
+    bare = tmp_path / "state_dict.bin"
+    torch.save(torch.load(ckpts["fastmetro"], weights_only=True)["model"], bare)
+    a = V.main(["attention", "--ckpt", str(ckpts["fastmetro"]), "--image", str(ckpts["image"]),
+                "--out", str(tmp_path / "a")])
+    b = V.main(["attention", "--weights", str(bare), "--model", "fastmetro", "--preset", "tiny",
+                "--image", str(ckpts["image"]), "--out", str(tmp_path / "b")])
+    da, db = np.load(a["npz"]), np.load(b["npz"])
+    assert sorted(da.files) == sorted(db.files)
+    for k in da.files:
+        np.testing.assert_allclose(da[k], db[k], atol=1e-6)
