@@ -181,7 +181,8 @@ def load(args):
     if args.ckpt or args.weights:
         model, body_model, info = checkpoints.load_for_inference(
             device, ckpt=args.ckpt, weights=args.weights, model=args.model, preset=args.preset, body=args.body,
-            h36m_regressor=args.h36m_regressor, mesh_hierarchy=args.mesh_hierarchy)
+            h36m_regressor=args.h36m_regressor, mesh_hierarchy=args.mesh_hierarchy,
+            overrides=checkpoints.parse_overrides(args.set))
         name = info["model"]
     elif args.model:
         torch.manual_seed(args.seed)
@@ -658,9 +659,9 @@ COMMANDS = {"attention": cmd_attention, "clusters": cmd_clusters, "sampling": cm
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=sorted(COMMANDS))
-    checkpoints.add_model_args(p)     # --ckpt | --weights with --model/--preset; body, regressor, hierarchy
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override (random weights: --model without --ckpt/--weights; preset default tiny)")
+    # --ckpt | --weights with --model/--preset (+ --set); body, regressor, hierarchy. --model alone:
+    # random weights (preset default tiny, --set applies too).
+    checkpoints.add_model_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image", default=None)
     p.add_argument("--box", default=None, help="x1,y1,x2,y2 person box in the image (enlarged by --box-scale)")
