@@ -33,6 +33,8 @@ Departures
 - No open3d (not a dependency): nearest neighbours with scipy's cKDTree (same distances).
 - Image versions are offset by the annotation count read from the files instead of the hard-coded
   32560, so tests can write a small set in the same layout.
+- `write_synthetic`: procedural hands rendered (render.py) into this layout (ours, for tests and
+  the hand quickstart); uv_root / scale entries of the mano file are written as 0.
 - METRO's FreiHAND TSV export is not read here (data.py's TSV reader is body-specific); not done.
 """
 from __future__ import annotations
@@ -261,6 +263,50 @@ def read_pred_json(path, size=None):
     if xyz.ndim != 3 or xyz.shape[1:] != (21, 3) or verts.ndim != 3 or verts.shape[2] != 3:
         raise ValueError(f"{path}: expected xyz (B, 21, 3) and verts (B, V, 3), got {xyz.shape}, {verts.shape}")
     return xyz, verts
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic hands in FreiHAND's layout
+# ----------------------------------------------------------------------------------------------
+def write_synthetic(root, n_train=64, n_eval=16, seed=0, model_path=None, focal=500.0):
+    """Render procedural hands (hand.HandModel, toy hand unless `model_path`) with render.py into
+    FreiHAND's layout under `root`: <split>_{xyz,K,mano,verts}.json and <split>/rgb/%08d.jpg
+    (224x224; training only in the "gs" version). Random global rotation (palm roughly facing
+    the camera), finger articulation N(0, 0.25) rad, shape N(0, 1), hand 0.45-0.6 m away, random
+    skin tone and background colour. Deterministic for a seed. Returns root."""
+    import hand as _hand
+    import render as _render
+    from PIL import Image
+    root = Path(root)
+    hm = _hand.HandModel(model_path)
+    g = torch.Generator().manual_seed(seed)
+    faces = hm.faces.long()
+    for split, n in (("training", n_train), ("evaluation", n_eval)):
+        (root / split / "rgb").mkdir(parents=True, exist_ok=True)
+        pose = torch.randn(n, 48, generator=g) * 0.25
+        pose[:, :3] = torch.randn(n, 3, generator=g) * 0.5 + torch.tensor([np.pi / 2, 0.0, 0.0])
+        betas = torch.randn(n, 10, generator=g)
+        with torch.no_grad():
+            o = hm(betas, pose)
+        v, j = o["vertices"].float(), o["joints"].float()
+        depth = 0.45 + 0.15 * torch.rand(n, generator=g)
+        centre = v.mean(1, keepdim=True)                                   # (n, 1, 3)
+        shift = torch.stack([torch.zeros(n), torch.zeros(n), depth], 1)[:, None] - centre
+        v, j = v + shift, j + shift
+        K = np.tile([[focal, 0, IMAGE_SIZE / 2], [0, focal, IMAGE_SIZE / 2], [0, 0, 1]], (n, 1, 1))
+        skin = torch.tensor([0.85, 0.64, 0.52]) * (0.7 + 0.3 * torch.rand(n, 1, generator=g))
+        bg = torch.rand(n, 1, 1, 3, generator=g).expand(n, IMAGE_SIZE, IMAGE_SIZE, 3)
+        for i in range(n):
+            out = _render.render(v[i:i + 1], faces, focal, torch.full((1, 2), IMAGE_SIZE / 2),
+                                 (IMAGE_SIZE, IMAGE_SIZE), colors=skin[i], background=bg[i])
+            img = (out["rgb"][0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(img).save(root / split / "rgb" / f"{i:08d}.jpg", quality=95)
+        mano = np.concatenate([pose.numpy(), betas.numpy(), np.zeros((n, 3))], 1)[:, None]  # (n, 1, 61)
+        for name, arr in (("xyz", j.numpy()), ("K", K), ("mano", mano), ("verts", v.numpy())):
+            tmp = root / f"{split}_{name}.json.tmp"
+            tmp.write_text(json.dumps(np.asarray(arr, np.float64).round(6).tolist()))
+            tmp.replace(root / f"{split}_{name}.json")
+    return root
 
 
 if __name__ == "__main__":

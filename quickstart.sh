@@ -3,12 +3,16 @@
 #   install -> toy body -> synthetic dataset -> train a tiny model on CPU -> evaluate against the
 #   mean-pose baseline -> demo overlays of test predictions.
 # Knobs (environment): MODEL (fastmetro|tore|deformer|featup_hmr), STEPS, MINUTES (time cap),
-# N_TRAIN, N_TEST, OUT. Everything it writes goes under data/, runs/ and outputs/ (git-ignored).
+# N_TRAIN, N_TEST, OUT; BODY=hand runs hand_quickstart.py (MODEL fastmetro|tore). Everything it writes goes under data/, runs/ and outputs/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -r requirements.txt
 export HMR_CACHE="${HMR_CACHE:-$PWD/.cache}"
+if [ "${BODY:-}" = hand ]; then  # hand mesh recovery instead: synthetic FreiHAND-layout hands (hand_quickstart.py)
+    exec python3 hand_quickstart.py --model "${MODEL:-fastmetro}" --steps "${STEPS:-400}" --max-minutes "${MINUTES:-10}" \
+        --n-train "${N_TRAIN:-256}" --n-eval "${N_TEST:-64}" --out "${OUT:-runs/quickstart-hand-${MODEL:-fastmetro}}"
+fi
 MODEL="${MODEL:-fastmetro}"
 STEPS="${STEPS:-1600}"
 MINUTES="${MINUTES:-10}"
