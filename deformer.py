@@ -107,6 +107,7 @@ class DeFormerConfig:
     semantics: str = "block"                    # "block" | "exact"
     attn_impl: str = "block"                    # "block" | "dense" | "naive"
     scap_threshold: float = 0.0                 # binarisation threshold of skin weights/regressor
+    scap_orientation: str = "flow"              # "flow" | "transposed" (sparse_attention.build_scap)
     detach_refinement: bool = True
     flip_template: bool = True                  # rotate the rest template by pi about x
     init_cam_scale: float = 1.0
@@ -284,7 +285,8 @@ class DeFormer(nn.Module):
         for l, n_blocks in zip(levels, cfg.blocks_per_level):
             adj = mesh_adjacency(torch.as_tensor(topology["faces"][l]).long(), nv[l], self_loops=True)
             mask = build_scap(adj, f32(topology["skin_weights"][l])[:, joint_to_smpl],
-                              f32(topology["joint_regressor"][l]), threshold=cfg.scap_threshold)
+                              f32(topology["joint_regressor"][l]), threshold=cfg.scap_threshold,
+                              orientation=cfg.scap_orientation)
             first = DeformableMeshBlock(cfg, mask)           # its attention plan serves the level
             self.stages.append(nn.ModuleList([first] + [DeformableMeshBlock(cfg, mask, first.self_attn.plan)
                                                         for _ in range(n_blocks - 1)]))

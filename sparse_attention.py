@@ -3,18 +3,31 @@
 Paper: Y. Yoshiyasu, "Deformable Mesh Transformer for 3D Human Mesh Recovery" (DeFormer),
 CVPR 2023, https://openaccess.thecvf.com/content/CVPR2023/html/Yoshiyasu_Deformable_Mesh_Transformer_for_3D_Human_Mesh_Recovery_CVPR_2023_paper.html
 
-What this file implements (self-contained: imports only torch, numpy, scipy and the stdlib):
+What this file implements (imports only torch, numpy, scipy and the stdlib; the `ordering`
+command alone also imports body.py, to read a body file):
   * `mesh_adjacency`: vertex adjacency (with self loops) from a triangle list.
   * `build_scap`: the Sparse Connectivity Attention Pattern for a token sequence
     [J joints, V vertices] (JOINTS FIRST), True = "query row may attend key column":
         j2j  (J,J)  dense;
-        j2v  (J,V)  binarised skinning weights: joint j attends vertex v iff skin[v, j] > threshold;
-        v2j  (V,J)  binarised joint regressor:  vertex v attends joint j iff regressor[j, v] != 0;
+        j2v  (V,J)  binarised skinning weights: vertex v attends joint j iff skin[v, j] > t;
+        v2j  (J,V)  binarised joint regressor:  joint j attends vertex v iff |regressor[j, v]| > t;
         v2v  (V,V)  mesh adjacency with self loops.
-    The pattern is NOT symmetric in general: the poster builds j2v and v2j from two different
-    body quantities (skinning weights vs. joint regressor), so we keep them as given.  Orderings
-    work on the symmetrised pattern (mask | mask.T).  The diagonal is always set, so no row is
-    ever empty.
+    Orientation "flow" (default).  The poster names j2v "binarised skinning weights" and v2j
+    "binarised joint regressor" and draws them as joint -> vertex and vertex -> joint
+    connections.  Information flows from joint to vertex as skinning does (a vertex moves with
+    the joints that skin it) and from vertex to joint as regression does (a joint is a weighted
+    sum of vertices), and attention moves information from key to query, so the vertex-query
+    rows read the joints that skin them and the joint-query rows read the vertices that regress
+    them; both matrices keep their own shapes (W is (V, J), R is (J, V)).  On the toy body's
+    full mesh 4730 of 6890 vertex queries see a joint (318 of 431 at the coarsest level).
+    Orientation "transposed" (the reading before issue 17, kept as an option): joint rows
+    attend the vertices they skin (skin.T) and vertex rows the joints whose regressor is
+    non-zero on them (reg.T): only 636 of 6890 (204 of 431) vertex queries see any joint.
+    Both orientations have the same symmetrised pattern (so the same orderings) and, with the
+    joints in the first tile, the same number of non-zero tiles; only the longest tile row
+    differs (toy body, full mesh, RCM: 72 tiles "flow" vs 312 "transposed": the joint row).
+    The pattern is NOT symmetric in general; orderings work on mask | mask.T.  The diagonal
+    is always set, so no row is ever empty.
   * `reorder`: token orderings "rcm" (scipy's reverse Cuthill-McKee), "amd" (our own approximate
     minimum degree on the quotient graph, AMD-style approximate degrees, element absorption) and
     "none".  For both "rcm" and "amd", rows much denser than the rest (the joints; degree >
@@ -41,21 +54,33 @@ What this file implements (self-contained: imports only torch, numpy, scipy and 
     non-zero tiles) or "block" (every element of a non-zero tile, as block-sparse GPU kernels
     do).  Permutation and padding are applied and undone inside; callers never see them.
 
-Tile density (16x16 tiles, N = 14 joints + 6890 vertices; `python bench.py sparse_attention`):
-    ordering   toy body (body.py)   synthetic torus, shuffled vertex labels
-    rcm        1.55 %  (2888 tiles)  2.4 %
-    amd        4.55 %  (8487 tiles)  14.5 %
-    none       1.60 %  (2985 tiles)  20.4 %
-Default ordering: "rcm".  Minimum degree does reduce Cholesky fill (about 3x less than RCM on
-the v2v Laplacian, close to SuperLU's MMD) but it eliminates low-degree vertices all over the
-mesh first, scattering neighbours across the sequence; tiles want bandwidth, which RCM
-minimises.  The toy body's native vertex order is already local, so "none" is close to RCM
-there, but RCM does not depend on how a mesh (or a decimated level) happens to be labelled.
+Tile density and fill (`python sparse_attention.py ordering [--body FILE]`, any SMPL-format
+body; toy body, 14 LSP joints, 16x16 tiles; fill = nnz(L)+nnz(U) of the mesh Laplacian
+factorised in that order by SuperLU; "mmd" = SuperLU's MMD on A+A^T, for reference):
+    level (tokens)     ordering  non-zero tiles (density)   fill L+U
+    6890+14 = 6904     rcm        2,888 ( 1.55 %)            414,994
+                       amd        8,487 ( 4.55 %)            272,972
+                       none       2,985 ( 1.60 %)            396,652
+                       mmd        9,517 ( 5.10 %)            257,766
+    1723+14 = 1737     rcm          628 ( 5.29 %)             65,266
+                       amd        3,018 (25.40 %)             38,966
+    431+14 = 445       rcm          129 (16.45 %)              7,420
+                       amd          408 (52.04 %)              5,824
+    (synthetic torus with shuffled vertex labels, `python bench.py sparse_attention`:
+     rcm 2.4 %, amd 14.5 %, none 20.4 %.)
+Default ordering: "rcm".  Our minimum degree has 1.5x less fill than RCM on the full mesh
+(1.3-1.7x over the three levels), close to SuperLU's MMD (1.6x), but it eliminates
+low-degree vertices all over the mesh first, scattering neighbours across the sequence: it
+needs 2.9x (full mesh) to 4.8x (1723 level) more non-zero tiles than RCM, and the tiles are
+what the block-sparse kernel pays for; fill is what a sparse Cholesky pays for, not us.  The
+toy body's native vertex order is already local, so "none" is close to RCM there, but RCM does
+not depend on how a mesh (or a decimated level) happens to be labelled.
 
 Departures from the paper / official code:
   * The poster uses AMD before blockifying.  We offer "amd" but default to RCM because it gives
-    3-6x fewer non-zero tiles on body meshes (numbers above); the poster does not say which
-    AMD variant or how the joints were treated.
+    2.9-4.8x fewer non-zero tiles on the toy body's levels (table above; AMD has 1.3-1.7x less
+    fill, which a tile kernel does not pay for); the poster does not say which AMD variant or
+    how the joints were treated.
   * Dense joint rows are excluded from the graph ordering and kept contiguous (first), an AMD
     convention; without it, RCM's breadth-first levels explode through the joints.
   * Tile rows are additionally relabelled (whole tiles, rows and columns alike) so that rows are
@@ -80,7 +105,7 @@ from scipy.sparse.csgraph import reverse_cuthill_mckee
 
 __all__ = ["mesh_adjacency", "build_scap", "reorder", "blockify", "block_density",
            "BlockSparsePlan", "block_sparse_attention", "BodySparseAttention", "synthetic_body",
-           "ORDERINGS", "IMPLS", "SEMANTICS"]
+           "ORDERINGS", "IMPLS", "SEMANTICS", "SCAP_ORIENTATIONS"]
 
 ORDERINGS = ("rcm", "amd", "none")
 IMPLS = ("block", "dense", "naive")
@@ -125,17 +150,26 @@ def mesh_adjacency(faces, num_vertices: int, self_loops: bool = True) -> torch.T
     return a
 
 
-def build_scap(adjacency, skin_weights, joint_regressor, threshold: float = 0.0) -> torch.Tensor:
+SCAP_ORIENTATIONS = ("flow", "transposed")
+
+
+def build_scap(adjacency, skin_weights, joint_regressor, threshold: float = 0.0,
+               orientation: str = "flow") -> torch.Tensor:
     """Sparse Connectivity Attention Pattern, JOINTS FIRST.
 
     adjacency: (V, V) bool (or 0/1), mesh connectivity (self loops are added anyway);
     skin_weights: (V, J) LBS weights of the token joints (e.g. SMPL weights[:, LSP_TO_SMPL]);
     joint_regressor: (J, V) regressor of the token joints;
-    threshold: j2v uses skin > threshold.
+    threshold: binarisation, skin > threshold and |regressor| > threshold (0: every non-zero);
+    orientation: "flow" (default) or "transposed" (the reading before issue 17), see the header.
     Returns torch.bool (N, N), N = J + V, True = query row may attend key column:
-      [:J, :J] all True; [:J, J:] = skin.T > threshold; [J:, :J] = regressor.T != 0;
-      [J:, J:] = adjacency | I.  Not symmetric in general (see the file header).
+      [:J, :J] all True; [J:, J:] = adjacency | I; and
+      "flow":       [J:, :J] = skin > threshold (V, J),   [:J, J:] = |regressor| > threshold (J, V);
+      "transposed": [:J, J:] = skin.T > threshold (J, V), [J:, :J] = |regressor|.T > threshold (V, J).
+    Not symmetric in general (see the file header).
     """
+    if orientation not in SCAP_ORIENTATIONS:
+        raise _err(f"build_scap: unknown orientation {orientation!r}, expected one of {SCAP_ORIENTATIONS}")
     adj = _as_bool_matrix(adjacency, "adjacency")
     skin = torch.as_tensor(np.asarray(skin_weights) if not torch.is_tensor(skin_weights)
                            else skin_weights).detach().cpu()
@@ -149,11 +183,17 @@ def build_scap(adjacency, skin_weights, joint_regressor, threshold: float = 0.0)
     J = skin.shape[1]
     if tuple(reg.shape) != (J, V):
         raise _err(f"build_scap: joint_regressor must be (J={J}, V={V}), got {tuple(reg.shape)}")
+    skinned = skin > threshold                        # (V, J): joint j skins vertex v
+    regresses = reg.abs() > threshold                 # (J, V): vertex v regresses joint j
     N = J + V
     m = torch.zeros(N, N, dtype=torch.bool)
     m[:J, :J] = True                                  # j2j dense
-    m[:J, J:] = (skin > threshold).T                  # j2v (J, V)
-    m[J:, :J] = (reg != 0).T                          # v2j (V, J)
+    if orientation == "flow":
+        m[J:, :J] = skinned                           # j2v: vertex queries read their skinning joints
+        m[:J, J:] = regresses                         # v2j: joint queries read their regressing vertices
+    else:
+        m[:J, J:] = skinned.T                         # joint queries read the vertices they skin
+        m[J:, :J] = regresses.T                       # vertex queries read the joints they regress
     m[J:, J:] = adj                                   # v2v
     idx = torch.arange(N)
     m[idx, idx] = True                                # self loops: no empty row
@@ -775,7 +815,131 @@ def synthetic_body(rings: int = 106, segments: int = 65, num_joints: int = 14,
             "joint_regressor": reg}
 
 
+# ----------------------------------------------------------------------------------------------
+# Ordering report: `python sparse_attention.py ordering --body FILE`
+# ----------------------------------------------------------------------------------------------
+def cholesky_fill(adjacency, perm=None) -> int:
+    """Fill of a vertex ordering: nnz(L) + nnz(U) of the LU factors of the mesh Laplacian
+    (degree + 1 on the diagonal, -1 per edge) permuted by `perm`, factorised by SuperLU in that
+    order (permc_spec="NATURAL", no pivoting), i.e. what a sparse direct solver pays for it.
+
+    adjacency: (V, V) bool mesh adjacency; perm: (V,) vertex order or None (native labels).
+    """
+    from scipy.sparse.linalg import splu
+    a = sp.csr_matrix(_as_bool_matrix(adjacency, "adjacency").numpy().astype(np.float64))
+    a.setdiag(0)
+    a.eliminate_zeros()
+    lap = (sp.diags(np.asarray(a.sum(1)).ravel() + 1.0) - a).tocsc()      # (V, V) SPD
+    if perm is not None:
+        p = np.asarray(torch.as_tensor(perm).long())
+        lap = lap[p][:, p].tocsc()
+    lu = splu(lap, permc_spec="NATURAL", diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
+    return int(lu.L.nnz + lu.U.nnz)
+
+
+def superlu_mmd_order(adjacency) -> np.ndarray:
+    """SuperLU's multiple minimum degree on A + A^T (a reference AMD-family ordering), (V,)."""
+    from scipy.sparse.linalg import splu
+    a = sp.csr_matrix(_as_bool_matrix(adjacency, "adjacency").numpy().astype(np.float64))
+    a.setdiag(0)
+    a.eliminate_zeros()
+    lap = (sp.diags(np.asarray(a.sum(1)).ravel() + 1.0) - a).tocsc()
+    lu = splu(lap, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
+    return np.argsort(lu.perm_c).astype(np.int64)    # perm_c[old] = new position -> new -> old
+
+
+def ordering_report(adjacency, skin_weights, joint_regressor, tile_size: int = 16,
+                    threshold: float = 0.0):
+    """Tile counts / density of the SCAP (both orientations) and fill of the vertex graph under
+    every ordering (ORDERINGS plus "mmd": SuperLU's MMD on the vertices, joints first).
+
+    Returns a list of dicts: ordering, fill, and per orientation o: tiles_o, density_o,
+    max_row_o (non-zero tiles of the densest query-tile row).
+    """
+    adj = _as_bool_matrix(adjacency, "adjacency")
+    V = adj.shape[0]
+    masks = {o: build_scap(adj, skin_weights, joint_regressor, threshold, o) for o in SCAP_ORIENTATIONS}
+    J = masks["flow"].shape[0] - V
+    rows = []
+    for method in ORDERINGS + ("mmd",):
+        if method == "mmd":
+            vperm = superlu_mmd_order(adj)
+            perm = torch.from_numpy(np.concatenate([np.arange(J), J + vperm]))
+        else:
+            # The symmetrised SCAP is the same in both orientations, so is its ordering.
+            perm = reorder(masks["flow"], method)
+            vperm = (perm[perm >= J] - J).numpy()
+        row = {"ordering": method, "fill": cholesky_fill(adj, vperm)}
+        for o, m in masks.items():
+            dens, counts = block_density(m, tile_size, perm)
+            row.update({f"tiles_{o}": int(counts.sum()), f"density_{o}": dens,
+                        f"max_row_{o}": int(counts.max())})
+        rows.append(row)
+    return rows
+
+
+def _ordering_main(argv):
+    """CLI: tile density and fill under each ordering for a body file (toy body by default)."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python sparse_attention.py ordering",
+                                 description="Tile density of the SCAP and fill (nnz of L+U of "
+                                 "the mesh Laplacian) under each ordering, per mesh level.")
+    ap.add_argument("--body", default=None, help="SMPL-format .pkl (default: the toy body)")
+    ap.add_argument("--h36m-regressor", default=None,
+                    help="J_regressor_h36m_correct.npy: LSP-14 token joints (default for the toy "
+                         "body, which carries its own); without it a real SMPL file uses its 24 joints")
+    ap.add_argument("--joints", choices=["lsp14", "smpl24"], default=None)
+    ap.add_argument("--levels", default="all", help="comma-separated mesh levels (0 = full mesh)")
+    ap.add_argument("--tile", type=int, default=16)
+    ap.add_argument("--threshold", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    import body as body_lib                           # only the CLI needs the body model
+    bm = body_lib.BodyModel(model_path=args.body, h36m_regressor_path=args.h36m_regressor)
+    has_h36m = bm.J_regressor_h36m.shape[0] == 17
+    joint_set = args.joints or ("lsp14" if has_h36m else "smpl24")
+    if has_h36m:                                      # every level of the hierarchy
+        topo = bm.topology(joint_set=joint_set)
+        j2s = torch.as_tensor(topo["joint_to_smpl"]).long()
+        faces, skins, regs = topo["faces"], topo["skin_weights"], topo["joint_regressor"]
+    elif joint_set == "smpl24":                       # no H36M regressor: full mesh only
+        print("no H36M regressor: full-mesh level only, SMPL's 24 joints as tokens "
+              "(pass --h36m-regressor for LSP-14 tokens and the coarse levels)")
+        j2s = torch.arange(bm.lbs_weights.shape[1])
+        faces, skins, regs = [bm.faces], [bm.lbs_weights], [bm.J_regressor]
+    else:
+        raise SystemExit(f"sparse_attention.py ordering: --joints lsp14 needs an H36M regressor "
+                         f"for {bm.model_path} (pass --h36m-regressor FILE)")
+    nv = [int(len(s)) for s in skins]
+    levels = range(len(nv)) if args.levels == "all" else [int(x) for x in args.levels.split(",")]
+    print(f"body {bm.model_path}; token joints {joint_set} ({len(j2s)}); tile {args.tile}; "
+          f"threshold {args.threshold}")
+    print("fill = nnz(L)+nnz(U) of the (V x V) mesh Laplacian factorised in that order; "
+          "tiles = non-zero tiles of the SCAP (flow / transposed orientation)")
+    for level in levels:
+        if not 0 <= level < len(nv):
+            raise SystemExit(f"sparse_attention.py ordering: --levels {level} not in [0, {len(nv)})")
+        V = nv[level]
+        adj = mesh_adjacency(torch.as_tensor(faces[level]).long(), V)
+        skin = torch.as_tensor(skins[level]).float()[:, j2s]
+        reg = torch.as_tensor(regs[level]).float()
+        rows = ordering_report(adj, skin, reg, args.tile, args.threshold)
+        nT = -(-(V + len(j2s)) // args.tile)
+        print(f"\nlevel {level}: {V} vertices + {len(j2s)} joints = {V + len(j2s)} tokens, "
+              f"{nT}x{nT} tiles")
+        print(f"{'ordering':>8} {'fill L+U':>10} {'tiles flow':>11} {'dens %':>7} {'max/row':>7} "
+              f"{'tiles transp':>13} {'dens %':>7} {'max/row':>7}")
+        for r in rows:
+            print(f"{r['ordering']:>8} {r['fill']:10,d} {r['tiles_flow']:11,d} "
+                  f"{100 * r['density_flow']:7.2f} {r['max_row_flow']:7d} "
+                  f"{r['tiles_transposed']:13,d} {100 * r['density_transposed']:7.2f} "
+                  f"{r['max_row_transposed']:7d}")
+
+
 if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] == ["ordering"]:
+        _ordering_main(sys.argv[2:])
+        sys.exit(0)
     body = synthetic_body(rings=40, segments=24)          # 960 vertices + 14 joints
     adj = mesh_adjacency(body["faces"], body["num_vertices"])
     scap = build_scap(adj, body["skin_weights"], body["joint_regressor"])

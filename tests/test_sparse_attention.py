@@ -39,7 +39,7 @@ def pair(mask, semantics, ordering="rcm", tile=8, dim=32, heads=4, workspace_mb=
 # ---------------------------------------------------------------------------------------------
 # SCAP
 # ---------------------------------------------------------------------------------------------
-def test_scap_tetrahedron_element_by_element():
+def _tetrahedron_case():
     faces = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]])
     # 5 vertices: a tetrahedron (0..3) plus an isolated vertex 4 (no faces)
     adj = sa.mesh_adjacency(faces, 5)
@@ -48,27 +48,62 @@ def test_scap_tetrahedron_element_by_element():
                          [0.0, 1.0],     # v2 -> joint 1
                          [0.05, 0.95],   # v3 -> both at threshold 0, joint 1 only at 0.1
                          [0.0, 1.0]])    # v4 -> joint 1
-    reg = torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0],    # joint 0 from v0, v1
-                        [0.0, 0.0, 0.0, 0.0, 1.0]])   # joint 1 from v4
+    reg = torch.tensor([[0.5, 0.45, 0.0, 0.05, 0.0],   # joint 0 from v0, v1 (and v3 below 0.1)
+                        [0.0, 0.0, -0.2, 0.0, 1.2]])   # joint 1 from v4 and (negative) v2
+    return adj, skin, reg
+
+
+def _expected_scap(adj, skin, reg, thr, orientation):
+    """The SCAP written out element by element from the definitions in the file header."""
+    V, J = skin.shape
+    exp = torch.zeros(J + V, J + V, dtype=torch.bool)
+    for a in range(J):
+        for b in range(J):
+            exp[a, b] = True                                         # j2j dense
+    for v in range(V):
+        for j in range(J):
+            skinned = bool(skin[v, j] > thr)                         # joint j skins vertex v
+            regresses = bool(abs(float(reg[j, v])) > thr)            # vertex v regresses joint j
+            if orientation == "flow":
+                exp[J + v, j] = skinned                              # vertex query reads joint
+                exp[j, J + v] = regresses                            # joint query reads vertex
+            else:
+                exp[j, J + v] = skinned
+                exp[J + v, j] = regresses
+    for a in range(V):
+        for b in range(V):
+            exp[J + a, J + b] = bool(adj[a, b]) or a == b            # v2v + self loops
+    return exp
+
+
+@pytest.mark.parametrize("orientation", sa.SCAP_ORIENTATIONS)
+@pytest.mark.parametrize("thr", [0.0, 0.1])
+def test_scap_tetrahedron_element_by_element(orientation, thr):
+    adj, skin, reg = _tetrahedron_case()
     J, V = 2, 5
-    for thr in (0.0, 0.1):
-        m = sa.build_scap(adj, skin, reg, threshold=thr)
-        exp = torch.zeros(J + V, J + V, dtype=torch.bool)
-        exp[:J, :J] = True                                   # j2j dense
-        for v in range(V):                                   # j2v: skin > thr
-            for j in range(J):
-                exp[j, J + v] = bool(skin[v, j] > thr)
-        for j, v in [(0, 0), (0, 1), (1, 4)]:                # v2j: regressor != 0
-            exp[J + v, j] = True
-        tet = [(a, b) for a in range(4) for b in range(4)]   # v2v: tetrahedron is complete
-        for a, b in tet:
-            exp[J + a, J + b] = True
-        exp[J + 4, J + 4] = True                             # isolated vertex: self loop
-        assert m.dtype == torch.bool and m.shape == (J + V, J + V)
-        assert torch.equal(m, exp), (thr, (m != exp).nonzero())
-    assert not bool(sa.build_scap(adj, skin, reg)[0, J + 2])   # v2 not skinned to joint 0
-    assert bool(sa.build_scap(adj, skin, reg)[0, J + 3])       # v3 skinned 0.05 > 0
-    assert not bool(sa.build_scap(adj, skin, reg, 0.1)[0, J + 3])
+    m = sa.build_scap(adj, skin, reg, threshold=thr, orientation=orientation)
+    assert m.dtype == torch.bool and m.shape == (J + V, J + V)
+    exp = _expected_scap(adj, skin, reg, thr, orientation)
+    assert torch.equal(m, exp), (thr, orientation, (m != exp).nonzero())
+
+
+def test_scap_orientation_by_hand():
+    adj, skin, reg = _tetrahedron_case()
+    J = 2
+    flow = sa.build_scap(adj, skin, reg)                               # the default
+    assert torch.equal(flow, sa.build_scap(adj, skin, reg, orientation="flow"))
+    # flow: vertex v3's query reads joint 0 (skin 0.05 > 0) but not at threshold 0.1
+    assert bool(flow[J + 3, 0]) and not bool(sa.build_scap(adj, skin, reg, 0.1)[J + 3, 0])
+    assert not bool(flow[J + 2, 0])                                    # v2 not skinned by joint 0
+    # flow: joint 1's query reads v2 (negative regressor weight) and v4, not v0
+    assert bool(flow[1, J + 2]) and bool(flow[1, J + 4]) and not bool(flow[1, J + 0])
+    # joint 0 regressed by v3 with weight 0.05: read at threshold 0, not at 0.1 (both blocks)
+    assert bool(flow[0, J + 3]) and not bool(sa.build_scap(adj, skin, reg, 0.1)[0, J + 3])
+    old = sa.build_scap(adj, skin, reg, orientation="transposed")
+    assert torch.equal(old[:J, J:], flow[J:, :J].T) and torch.equal(old[J:, :J], flow[:J, J:].T)
+    assert torch.equal(old | old.T, flow | flow.T)                    # same symmetrised pattern
+    with pytest.raises(ValueError, match="orientation 'sideways'"):
+        sa.build_scap(adj, skin, reg, orientation="sideways")
 
 
 def test_mesh_adjacency_symmetric_and_self_loops():
@@ -140,6 +175,58 @@ def test_minimum_degree_reduces_fill():
     md = sa._minimum_degree(g.indptr, g.indices, n * n)
     assert sorted(md.tolist()) == list(range(n * n))
     assert fill(md) < 0.75 * fill(np.arange(n * n))
+
+
+def test_cholesky_fill_star_graph():
+    """Star with n leaves: centre eliminated first fills the whole factor, centre last none."""
+    n = 6
+    faces = torch.tensor([[0, k, k % n + 1] for k in range(1, n + 1)])   # fan = star + rim
+    adj = sa.mesh_adjacency(faces, n + 1)
+    adj[1:, 1:] = torch.eye(n, dtype=torch.bool)                           # drop the rim: star
+    first = torch.arange(n + 1)
+    last = torch.cat([torch.arange(1, n + 1), torch.zeros(1, dtype=torch.long)])
+    N = n + 1
+    assert sa.cholesky_fill(adj, first) == N * (N + 1)                     # dense L and U
+    assert sa.cholesky_fill(adj, last) == 2 * (N + n)                      # diagonal + centre row
+    assert sa.cholesky_fill(adj) == sa.cholesky_fill(adj, first)           # None = native labels
+
+
+def test_ordering_report_matches_parts():
+    import scipy.sparse as sp
+    from scipy.sparse.linalg import splu
+    body = sa.synthetic_body(rings=12, segments=8, num_joints=3, num_skin_joints=6, regressor_size=4)
+    adj = sa.mesh_adjacency(body["faces"], body["num_vertices"])
+    rows = sa.ordering_report(adj, body["skin_weights"], body["joint_regressor"], tile_size=8)
+    assert [r["ordering"] for r in rows] == list(sa.ORDERINGS) + ["mmd"]
+    for r in rows[:-1]:
+        perm = sa.reorder(sa.build_scap(adj, body["skin_weights"], body["joint_regressor"]), r["ordering"])
+        for o in sa.SCAP_ORIENTATIONS:
+            m = sa.build_scap(adj, body["skin_weights"], body["joint_regressor"], orientation=o)
+            dens, counts = sa.block_density(m, 8, perm)
+            assert (r[f"tiles_{o}"], r[f"density_{o}"]) == (int(counts.sum()), dens)
+        assert r["fill"] == sa.cholesky_fill(adj, perm[perm >= 3] - 3)
+    # "mmd": the fill SuperLU reports for its own MMD ordering
+    a = sp.csr_matrix(adj.numpy().astype(float))
+    a.setdiag(0)
+    a.eliminate_zeros()
+    lap = (sp.diags(a.sum(1).A.ravel() + 1.0) - a).tocsc()
+    lu = splu(lap, permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0, options=dict(SymmetricMode=True))
+    assert rows[-1]["fill"] == lu.L.nnz + lu.U.nnz
+    assert rows[1]["fill"] < rows[0]["fill"]                    # amd fills less than rcm ...
+    assert rows[1]["tiles_flow"] > rows[0]["tiles_flow"]        # ... but needs more tiles
+
+
+def test_ordering_command_on_toy_body(capsys):
+    pytest.importorskip("smplx")
+    sa._ordering_main(["--levels", "2", "--tile", "16"])
+    out = capsys.readouterr().out
+    assert "token joints lsp14 (14)" in out and "level 2:" in out
+    lines = [l.split() for l in out.splitlines() if l.split()[:1] and l.split()[0] in sa.ORDERINGS + ("mmd",)]
+    assert [l[0] for l in lines] == list(sa.ORDERINGS) + ["mmd"]
+    fills = {l[0]: int(l[1].replace(",", "")) for l in lines}
+    assert fills["amd"] < fills["rcm"] and fills["mmd"] < fills["rcm"]
+    with pytest.raises(SystemExit, match="--levels 7"):
+        sa._ordering_main(["--levels", "7"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +342,46 @@ def test_exact_mode_locality():
     x3 = x.clone()
     x3[0, int(inside[inside != i][0])] += 10.0            # a neighbour does change it
     assert not torch.allclose(mod(x3)[0, i], y[0, i])
+
+
+def _tile_members(m, tile, ordering):
+    """(N, N) bool: token j lies in a non-zero tile of token i's tile row (written out from
+    reorder + blockify, independently of BlockSparsePlan)."""
+    perm = sa.reorder(m, ordering)
+    pos = torch.empty_like(perm)
+    pos[perm] = torch.arange(len(perm))
+    tiles = sa.blockify(m[perm][:, perm], tile)                # (nT, nT)
+    t = pos // tile                                              # tile of each token
+    return tiles[t][:, t]
+
+
+@pytest.mark.parametrize("ordering", ["rcm", "none"])
+def test_block_mode_locality(ordering):
+    """Block semantics: a token outside every tile of a row does not change that row; a token
+    inside one of its tiles (even one the SCAP row excludes) does."""
+    m = small_scap(rings=12, segments=8)
+    T = 8
+    mod = sa.BodySparseAttention(32, 4, m, tile_size=T, ordering=ordering, semantics="block")
+    members = _tile_members(m, T, ordering)
+    assert torch.equal(members, mod.effective_mask())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, len(m), 32, generator=g)
+    y = mod(x)
+    checked = 0
+    for i in (len(m) - 1, len(m) // 2, 1):                      # two vertex rows and a joint row
+        outside = (~members[i]).nonzero().flatten()
+        if len(outside) == 0:
+            continue
+        x2 = x.clone()
+        x2[0, outside] += 10 * torch.randn(len(outside), 32, generator=g)
+        torch.testing.assert_close(mod(x2)[0, i], y[0, i], atol=1e-5, rtol=0)
+        extra = (members[i] & ~m[i]).nonzero().flatten()        # in a tile, not in the SCAP row
+        if len(extra):
+            x3 = x.clone()
+            x3[0, int(extra[0])] += 10.0
+            assert not torch.allclose(mod(x3)[0, i], y[0, i])
+            checked += 1
+    assert checked >= 1
 
 
 def test_batched_equals_single():
