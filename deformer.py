@@ -1,15 +1,33 @@
 """DeFormer: decoder-only deformable mesh transformer for 3D human mesh recovery.
 
 Paper: Yoshiyasu, "Deformable Mesh Transformer for 3D Human Mesh Recovery", CVPR 2023
-(poster text in shared/papers/deformer_cvpr2023_poster.txt; the official code is not public).
+(poster text in shared/papers/deformer_cvpr2023_poster.txt; the official repository,
+github.com/yusukey03012/DeFormer, holds a README and two figures, no code).
 Deformable attention: Zhu et al., "Deformable DETR", ICLR 2021, https://arxiv.org/abs/2010.04159
+
+Official figures (shared/papers/deformer_overview.png, deformer_summary.png) and how we read them
+- Backbone maps 64x64, 32x32, 16x16, 8x8 plus a 1x1 global feature: HRNet at strides 4..32 on
+  a 256x256 input (presets "paper", "dense", "hrformer"; "paper-384x288" gives 96x72 .. 12x9).
+- "Transformer Decoder ... x3": joint and vertex queries -> "3D regressor / Ref. points" ->
+  Body Sparse Self-Attention -> DMA, the box repeated x3. Read as 3 decoder blocks per query
+  mesh level, run coarse to fine (431 then 1723 vertex queries: 6 blocks in all). The figure
+  draws one query set and no hierarchy; the poster's "6904 queries" row says the default uses
+  fewer than the full mesh, and the METRO family's 431 -> 1723 -> 6890 hierarchy is the one we
+  have. The literal single-level reading is `mesh_levels=(1,), blocks_per_level=(3,)`.
+- "Dense mesh recovery" (MLPs, "Global Scaling") after the decoder, giving body-joint and
+  mesh-vertex outputs, each with a loss: `DenseMeshRecovery`. Read as: MLPs on the decoder's
+  output tokens predict ONE scale per sample (the figure's MLP output multiplies the token row
+  as a whole), applied to the decoder's joints and vertices about the mesh's pelvis; then the
+  vertices are upsampled to the full 6890 mesh by the fixed barycentric up maps ("dense").
+  Zero-initialised: the stage starts as the identity of its input mesh. Its output is the
+  model's output and is supervised like every other step.
 
 What this file implements
 - Multi-scale image features: the backbone's 4 maps (HRNet-W48 by default, strides 4..32),
   each projected to the model width (1x1 conv + GroupNorm, as Deformable DETR's input_proj)
-  plus a learned level embedding; a pooled global feature.
-- An initial estimate from the global feature: coarse template + regressed per-vertex offsets
-  and a global scale, plus the weak-perspective camera (s, tx, ty).
+  plus a learned level embedding; a pooled global feature (the figure's 1x1).
+- An initial estimate (the figure's "3D regressor") from the global feature: coarse template
+  + regressed per-vertex offsets, plus the weak-perspective camera (s, tx, ty).
 - A decoder-only transformer over [J joint tokens; V_l vertex tokens]. Each block:
   Body Sparse self-attention (SCAP mask, block-sparse, sparse_attention.py) ->
   Deformable Mesh cross-Attention (reference points = the current 3D joints/vertices
@@ -18,22 +36,36 @@ What this file implements
   updated (feedback loop t -> t+1) -> FFN.
 - Coarse-to-fine over the mesh hierarchy (default 431 -> 1723 vertex queries; "dense" preset
   431 -> 1723 -> 6890, i.e. 6890 + 14 = "6904 queries" in the last stage), tokens and
-  coordinates upsampled with the topology's barycentric up maps; output upsampled to full res.
+  coordinates upsampled with the topology's barycentric up maps.
+- Dense mesh recovery (global scaling, upsampling to the full mesh), see above.
 - METRO-family losses at every level and every refinement step.
+- `python deformer.py`: smoke test (forward + loss + backward on a stand-in, non-square input)
+  and each preset's parameter count (backbone on the meta device; decoder on the toy body,
+  whose levels have SMPL's vertex counts). The smoke test alone also imports body.py and
+  backbones.py.
+
+Cameras and reference points (non-square inputs)
+- 2D labels and `project` use normalised crop coordinates with ONE length L = min(H, W) for
+  both axes (data.py's convention: u = 2x/L - W/L, v = 2y/L - H/L), so the isotropic
+  weak-perspective scale s is right at 256x192 or 384x288 too. `normalised_to_unit` maps
+  them to the [0, 1] image coordinates the deformable attention samples in
+  (x/W = (u L/W + 1)/2, y/H = (v L/H + 1)/2); at H == W it is (uv + 1) / 2.
 
 Design choices where the poster is silent (simplest option consistent with it and METRO family)
 1. Width 256, 8 heads, FFN 1024, dropout 0.1, pre-norm blocks, ReLU (Deformable DETR sizes);
    deformable attention with 8 heads x 4 levels x 4 points.
-2. Blocks: 3 per mesh level (431, 1723) = 6 decoder blocks as in Deformable DETR's decoder;
-   "dense" preset: 2 per level on 431, 1723, 6890 (same total of 6).
+2. Blocks: 3 per mesh level (431, 1723) = 6 decoder blocks (the figure's x3, read above);
+   "dense" preset: 2 per level on 431, 1723, 6890 (same total of 6, to bound its cost).
 3. Values of the cross-attention = projected maps + level embedding (no sine positional
    encoding: sampling positions come from the mesh, as in Deformable DETR's decoder values).
 4. Global feature = global-average-pool of each of the 4 raw backbone maps, concatenated,
-   Linear + ReLU (the backbone's classification path is not run a second time).
+   Linear + ReLU (the backbone's classification path is not run); it initialises the query
+   tokens and the initial estimate, and is not a 5th level of the deformable attention.
 5. Initial estimate: template of the coarsest query level, rotated by pi about x (datasets'
    usual global orientation, so it is upright in the image, y down) and pelvis-centred;
-   X0 = (1 + ds) * template + offsets; last layer zero-initialised so X0 = template at start,
-   camera bias initialised to (s=1, 0, 0). Initial joints = joint_regressor[level] @ X0.
+   X0 = template + offsets; last layer zero-initialised so X0 = template at start,
+   camera bias initialised to (s=1, 0, 0). Initial joints = joint_regressor[level] @ X0. (The
+   global scale moved from here to the dense mesh recovery, where the figure draws it.)
 6. Query tokens: learned joint/vertex embeddings + the global feature; at each new mesh level
    the vertex tokens are upsampled (same barycentric gather as the coordinates) and a learned
    per-level vertex embedding is added. A per-block Linear(3, D) embedding of the current
@@ -47,8 +79,11 @@ Design choices where the poster is silent (simplest option consistent with it an
    share it.
 9. SCAP per mesh level from the topology: v2v = mesh adjacency + self loops, j2v = binarised
    skinning weights of each joint's nearest SMPL kinematic joint (joint_to_smpl), v2j =
-   binarised joint regressor, j2j dense. Paper preset uses "block" semantics (whole non-zero
-   16x16 tiles, what a block-sparse kernel computes); "exact" is available.
+   binarised joint regressor, j2j dense; orientation "flow" (vertex queries read the joints
+   that skin them, joint queries the vertices that regress them; "transposed" = the reading
+   before issue 17; see sparse_attention.py), `scap_threshold` on both. Paper preset uses
+   "block" semantics (whole non-zero 16x16 tiles, what a block-sparse kernel computes);
+   "exact" is available.
 10. Loss (METRO/FastMETRO weights): 1000 * L1(3D joints) + 100 * L1(vertices) + 100 * L1(2D).
     3D joints = joint tokens and joints regressed from the mesh of the same step
     (joint_regressor[level]), both hip-midpoint centred (LSP hips 2, 3) like the GT;
@@ -56,14 +91,19 @@ Design choices where the poster is silent (simplest option consistent with it an
     H36M pelvis (h36m_regressor row 0, carried to coarse levels exactly through the up maps);
     GT at coarse levels by the topology's down_index; has_smpl-weighted. 2D: both joint sets
     projected with the camera, confidence-weighted. Each term is averaged over all steps
-    (initial estimate + every block), plus the full-resolution upsampled output when the last
-    query level is not the full mesh. No edge/normal loss (the poster does not mention one).
+    (initial estimate, every block, the dense mesh recovery), plus the full-resolution
+    upsampled output when the last query level is not the full mesh. No edge/normal loss
+    (the poster does not mention one).
 
 Departures from the paper / official code
 - Official code not public: everything above is a documented choice, not a reproduction.
 - No DeepSpeed / MMPose; plain PyTorch. AMD vs RCM ordering for the block-sparse attention
-  is a config field (default "rcm": sparse_attention.py measured ~6x fewer non-zero tiles than
-  its AMD on body meshes; the poster uses AMD).
+  is a config field (default "rcm": 2.9-4.8x fewer non-zero tiles than our AMD on the toy
+  body's levels, though AMD has 1.5x less fill; `python sparse_attention.py ordering`; the
+  poster uses AMD).
+- The 1x1 global feature is pooled from the 4 maps, not HRNet's classification head.
+- Presets "hrformer" (HRFormer-B) and the backbones' 2D-pose pre-training: the poster's rows;
+  which HRFormer size DeFormer used is not stated (we take B).
 - TRAIN_DEFAULTS: only AdamW and 50 epochs are from the poster; lr 1e-4, weight decay 1e-4,
   grad-norm clip 0.3 and batch 16 per GPU are FastMETRO's; no lr drop (poster silent).
 
@@ -71,9 +111,10 @@ Measured on the shared 2-core CPU (python bench.py deformer; ratios from one run
 step of the dense-query variant (6904 tokens, batch 2, hrnet_tiny backbone) with block-sparse
 self-attention is 2.7x faster than fused masked SDPA at 8 heads (0.81 of its memory); at 2 heads
 (where naive attention fits) 3.5x faster than SDPA and 5.6x faster than naive with 0.36 of
-naive's memory (estimated 0.14 at 8 heads). Paper-default model: 83.7 M parameters (HRNet-W48
-75.4 M + decoder 8.3 M). "tiny" preset, toy body, batch 8: ~0.6 s CPU time per training step
-on one thread.
+naive's memory (estimated 0.14 at 8 heads) (measured before issue 17's SCAP orientation and
+dense mesh recovery). Paper-default model: 83.8 M parameters (HRNet-W48 75.4 M + decoder 8.39 M;
+`python deformer.py` prints every preset's). "tiny" preset, toy body, batch 8: ~0.6 s CPU
+time per training step on one thread.
 """
 import math
 from dataclasses import dataclass, field
@@ -91,7 +132,7 @@ __all__ = ["DeFormerConfig", "PRESETS", "TRAIN_DEFAULTS", "DeFormer", "build_def
 @dataclass
 class DeFormerConfig:
     backbone: str = "hrnet_w48"                 # backbones.build_backbone name
-    input_size: tuple = (224, 224)              # (H, W)
+    input_size: tuple = (256, 256)              # (H, W); official figure: 64x64 .. 8x8 maps
     backbone_kwargs: dict = field(default_factory=dict)
     num_feature_levels: int = 4                 # last L maps of backbone.forward_features
     dim: int = 256                              # model width D
@@ -109,6 +150,7 @@ class DeFormerConfig:
     scap_threshold: float = 0.0                 # binarisation threshold of skin weights/regressor
     scap_orientation: str = "flow"              # "flow" | "transposed" (sparse_attention.build_scap)
     detach_refinement: bool = True
+    dense_recovery: bool = True                 # the figure's "Dense mesh recovery" stage
     flip_template: bool = True                  # rotate the rest template by pi about x
     init_cam_scale: float = 1.0
     hip_indices: tuple = (2, 3)                 # LSP R_Hip, L_Hip
@@ -118,11 +160,15 @@ class DeFormerConfig:
     w_joints2d: float = 100.0
 
 
+# Poster table rows: "DeFormer (HRNet-W48)", "(384x288 img)", "(6904 queries)", "(HRFormer)".
 PRESETS = {
     "paper": DeFormerConfig(),
+    "paper-384x288": DeFormerConfig(input_size=(384, 288)),
     "dense": DeFormerConfig(mesh_levels=(2, 1, 0), blocks_per_level=(2, 2, 2)),
-    "tiny": DeFormerConfig(backbone="hrnet_tiny", dim=64, num_heads=4, ffn_dim=128, dropout=0.0,
-                           deform_heads=4, n_points=2, blocks_per_level=(1, 1)),
+    "hrformer": DeFormerConfig(backbone="hrformer_b"),
+    "tiny": DeFormerConfig(backbone="hrnet_tiny", input_size=(224, 224), dim=64, num_heads=4,
+                           ffn_dim=128, dropout=0.0, deform_heads=4, n_points=2,
+                           blocks_per_level=(1, 1)),
 }
 
 # Poster: AdamW, 50 epochs, 8 x A100. lr / weight decay / clipping / batch (per GPU) are
@@ -142,9 +188,25 @@ def project(points, cam):
     return cam[:, None, :1] * (points[..., :2] + cam[:, None, 1:])
 
 
-def reference_points(points, cam):
-    """Reference points for the deformable attention: (B, N, 3), (B, 3) -> (B, N, 2) (x, y) in [0, 1]."""
-    return (project(points, cam) + 1) / 2
+def normalised_to_unit(uv, size):
+    """Normalised crop coordinates -> image coordinates in [0, 1] ((0, 0) top-left).
+
+    uv: (..., 2) as the 2D labels and `project` give them: both axes divided by ONE length
+    L = min(H, W) (u = 2 x / L - W / L, v = 2 y / L - H / L, x, y in pixels; data.py's
+    convention); size: (H, W) of the input image. Returns (..., 2) (x / W, y / H).
+    """
+    H, W = size
+    L = min(H, W)
+    return (uv * uv.new_tensor([L / W, L / H]) + 1) / 2
+
+
+def reference_points(points, cam, size):
+    """Reference points for the deformable attention.
+
+    points (B, N, 3) metres, cam (B, 3) weak perspective, size (H, W) of the input image ->
+    (B, N, 2) (x, y) in [0, 1] of that image, i.e. of every feature map.
+    """
+    return normalised_to_unit(project(points, cam), size)
 
 
 class DeformableMeshBlock(nn.Module):
@@ -171,12 +233,14 @@ class DeformableMeshBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, D))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, tokens, coords, cam, memory, spatial_shapes, level_start_index, padding_mask=None):
+    def forward(self, tokens, coords, cam, image_size, memory, spatial_shapes, level_start_index,
+                padding_mask=None):
         """
         Args:
             tokens: (B, N, D) joint tokens first, then vertex tokens.
             coords: (B, N, 3) current 3D joints/vertices, metres.
             cam: (B, 3) weak-perspective camera (s, tx, ty).
+            image_size: (H, W) of the input image (pixels), for the reference points.
             memory: (B, S, D) flattened multi-scale values; spatial_shapes L (H_l, W_l) ints;
                 level_start_index L ints; padding_mask (B, S) bool or None.
         Returns:
@@ -185,13 +249,47 @@ class DeformableMeshBlock(nn.Module):
         c_in = coords.detach() if self.detach else coords
         pos = self.coord_embed(c_in)                                            # (B, N, D)
         tokens = tokens + self.drop(self.self_attn(self.norm1(tokens) + pos))
-        ref = reference_points(coords.detach(), cam.detach())                   # (B, N, 2)
+        ref = reference_points(coords.detach(), cam.detach(), image_size)       # (B, N, 2)
         tokens = tokens + self.drop(self.cross_attn(self.norm2(tokens) + pos, ref, memory,
                                                     spatial_shapes, level_start_index, padding_mask))
         delta = self.disp_mlp(torch.cat([self.norm3(tokens), c_in], -1))        # (B, N, D+3) -> (B, N, 3)
         coords = c_in + delta
         tokens = tokens + self.drop(self.ffn(self.norm4(tokens)))
         return tokens, coords, ref
+
+
+class DenseMeshRecovery(nn.Module):
+    """The official figure's "Dense mesh recovery" stage: MLPs on the decoder's output tokens give
+    one global scale per sample ("Global Scaling"), which multiplies the decoder's joints and
+    vertices about the mesh's pelvis; the model then upsamples the vertices to the full mesh.
+
+    Per-token MLP Linear(D, D)-ReLU-Linear(D, D)-ReLU, mean over all J + V tokens, Linear(D, 1)
+    -> g; scale = exp(g). The last layer is zero-initialised, so the stage starts as the
+    identity of its input mesh (scale 1).
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.token_mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
+        self.scale_head = nn.Linear(dim, 1)
+        nn.init.zeros_(self.scale_head.weight)
+        nn.init.zeros_(self.scale_head.bias)
+
+    def forward(self, tokens, joints, vertices, pelvis_regressor):
+        """
+        Args:
+            tokens: (B, J + V, D) decoder output tokens (joints first).
+            joints: (B, J, 3), vertices: (B, V, 3) decoder output, metres.
+            pelvis_regressor: (V,) weights of the pelvis on these vertices (sum 1).
+        Returns:
+            joints (B, J, 3), vertices (B, V, 3) metres, scale (B,) (> 0).
+        """
+        h = self.token_mlp(self.norm(tokens)).mean(1)                           # (B, N, D) -> (B, D)
+        scale = self.scale_head(h).squeeze(-1).exp()                             # (B, 1) -> (B,)
+        centre = torch.einsum("v,bvc->bc", pelvis_regressor, vertices)[:, None]  # (B, 1, 3)
+        s = scale[:, None, None]                                                 # (B, 1, 1)
+        return centre + s * (joints - centre), centre + s * (vertices - centre), scale
 
 
 def _check_topology(topology, levels):
@@ -247,7 +345,7 @@ class DeFormer(nn.Module):
         self.num_vertices = nv
         self.num_joints = J = topology["joint_regressor"][0].shape[0]
         Vc = nv[levels[0]]
-        self.init_head = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, Vc * 3 + 1 + 3))
+        self.init_head = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, Vc * 3 + 3))
         nn.init.zeros_(self.init_head[-1].weight)
         nn.init.zeros_(self.init_head[-1].bias)
         with torch.no_grad():
@@ -290,6 +388,7 @@ class DeFormer(nn.Module):
             first = DeformableMeshBlock(cfg, mask)           # its attention plan serves the level
             self.stages.append(nn.ModuleList([first] + [DeformableMeshBlock(cfg, mask, first.self_attn.plan)
                                                         for _ in range(n_blocks - 1)]))
+        self.recovery = DenseMeshRecovery(D) if cfg.dense_recovery else None
 
     def _up(self, l):
         return getattr(self, f"up_index_{l}"), getattr(self, f"up_weight_{l}")
@@ -320,23 +419,26 @@ class DeFormer(nn.Module):
             images: (B, 3, H, W) ImageNet-normalised, H x W = cfg.input_size.
         Returns dict:
             vertices (B, V0, 3) full-resolution mesh, metres (model frame, pelvis near origin);
-            joints (B, J, 3) final joint-token positions (LSP-14), metres;
-            cam (B, 3) weak perspective (s, tx, ty);
-            vertices_per_step / joints_per_step: lists over steps (initial estimate, then every
-                block) of (B, V_l, 3) / (B, J, 3); level_per_step: list of mesh levels (ints);
-            vertices_per_level: final (B, V_l, 3) of each query level (coarse -> fine);
-            ref_points: list over blocks of (B, J + V_l, 2) reference points (x, y) in [0, 1].
+            joints (B, J, 3) final joint positions (LSP-14), metres;
+            cam (B, 3) weak perspective (s, tx, ty), projecting to the labels' normalised
+                coordinates (one length min(H, W) for both axes, see normalised_to_unit);
+            vertices_per_step / joints_per_step: lists over steps (initial estimate, every
+                block, then the dense mesh recovery if on) of (B, V_l, 3) / (B, J, 3);
+                level_per_step: list of mesh levels (ints);
+            vertices_per_level: decoder output (B, V_l, 3) of each query level (coarse -> fine);
+            ref_points: list over blocks of (B, J + V_l, 2) reference points (x, y) in [0, 1];
+            recovery_scale (B,): the dense mesh recovery's global scale (if on).
         """
         feats = list(self.backbone.forward_features(images))
         memory, shapes, starts, g = self.multiscale_memory(feats)
         B, D, J = images.shape[0], self.cfg.dim, self.num_joints
+        size = tuple(images.shape[-2:])                                          # (H, W)
         lc = self.levels[0]
         Vc = self.num_vertices[lc]
-        init = self.init_head(g)                                                 # (B, Vc*3 + 4)
+        init = self.init_head(g)                                                 # (B, Vc*3 + 3)
         offsets = init[:, :Vc * 3].view(B, Vc, 3)                                # (B, Vc*3) -> (B, Vc, 3)
-        scale = 1 + init[:, Vc * 3]                                              # (B,)
         cam = init[:, -3:]                                                       # (B, 3)
-        verts = scale[:, None, None] * getattr(self, f"template_{lc}") + offsets # (B, Vc, 3)
+        verts = getattr(self, f"template_{lc}") + offsets                        # (B, Vc, 3)
         joints = torch.einsum("jv,bvc->bjc", getattr(self, f"joint_reg_{lc}"), verts)  # (B, J, 3)
         out = {"cam": cam, "vertices_per_step": [verts], "joints_per_step": [joints],
                "level_per_step": [lc], "vertices_per_level": [], "ref_points": []}
@@ -351,7 +453,7 @@ class DeFormer(nn.Module):
             tokens = torch.cat([tokens_j, tokens_v], 1)                          # (B, J + V_l, D)
             coords = torch.cat([joints, verts], 1)                               # (B, J + V_l, 3)
             for block in blocks:
-                tokens, coords, ref = block(tokens, coords, cam, memory, shapes, starts)
+                tokens, coords, ref = block(tokens, coords, cam, size, memory, shapes, starts)
                 out["vertices_per_step"].append(coords[:, J:])
                 out["joints_per_step"].append(coords[:, :J])
                 out["level_per_step"].append(level)
@@ -359,7 +461,13 @@ class DeFormer(nn.Module):
             tokens_j, tokens_v = tokens[:, :J], tokens[:, J:]                   # (B, N, D) -> (B, J, D), (B, V_l, D)
             joints, verts = coords[:, :J], coords[:, J:]
             out["vertices_per_level"].append(verts)
-        out["vertices"] = self.upsample(verts, prev, 0)                          # (B, V0, 3)
+        if self.recovery is not None:                                            # dense mesh recovery
+            joints, verts, out["recovery_scale"] = self.recovery(
+                tokens, joints, verts, getattr(self, f"pelvis_reg_{prev}"))
+            out["vertices_per_step"].append(verts)
+            out["joints_per_step"].append(joints)
+            out["level_per_step"].append(prev)
+        out["vertices"] = self.upsample(verts, prev, 0)                          # (B, V_l, 3) -> (B, V0, 3)
         out["joints"] = joints
         return out
 
@@ -493,13 +601,33 @@ def _octahedron_topology(num_joints=14):
             "parents": torch.tensor([-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21])}
 
 
+def preset_parameter_counts(topology):
+    """{preset: (backbone params, decoder params) or an error string}. The backbone is built on
+    the meta device (no memory, no weights); the decoder for real on `topology` (its size
+    depends only on the vertex counts, so the toy body gives SMPL's)."""
+    import backbones
+    counts = {}
+    for name, cfg in PRESETS.items():
+        try:
+            with torch.device("meta"):
+                bb = backbones.build_backbone(cfg.backbone, **cfg.backbone_kwargs)
+        except KeyError as e:
+            counts[name] = f"backbone {cfg.backbone!r} is not in backbones.py ({e})"
+            continue
+        stand_in = _StandInBackbone(tuple(bb.feature_channels[-cfg.num_feature_levels:]))
+        model = DeFormer(cfg, stand_in, topology)
+        n_dec = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in stand_in.parameters())
+        counts[name] = (sum(p.numel() for p in bb.parameters()), n_dec)
+    return counts
+
+
 if __name__ == "__main__":
     from dataclasses import replace
     torch.manual_seed(0)
     topo = _octahedron_topology()
     for name in ("tiny", "dense"):
         cfg = replace(PRESETS[name], dim=32, num_heads=4, ffn_dim=64, deform_heads=4, n_points=2,
-                      dropout=0.0, input_size=(64, 64))
+                      dropout=0.0, input_size=(64, 48))
         model = DeFormer(cfg, _StandInBackbone(), topo)
         x = torch.randn(2, 3, *cfg.input_size)
         out = model(x)
@@ -513,8 +641,22 @@ if __name__ == "__main__":
         loss.backward()
         n_params = sum(p.numel() for p in model.parameters())
         n_bb = sum(p.numel() for p in model.backbone.parameters())
-        print(f"[{name}] levels {cfg.mesh_levels} vertices {tuple(out['vertices'].shape)} "
-              f"joints {tuple(out['joints'].shape)} cam {tuple(out['cam'].shape)} steps "
-              f"{[tuple(v.shape) for v in out['vertices_per_step']]}")
+        print(f"[{name}] input {cfg.input_size} levels {cfg.mesh_levels} vertices "
+              f"{tuple(out['vertices'].shape)} joints {tuple(out['joints'].shape)} cam "
+              f"{tuple(out['cam'].shape)} steps {[tuple(v.shape) for v in out['vertices_per_step']]}")
         print(f"[{name}] params total {n_params:,} (stand-in backbone {n_bb:,}); logs "
               + ", ".join(f"{k}={v:.3f}" for k, v in logs.items()))
+    try:
+        from body import BodyModel
+        body_topology = BodyModel().topology()         # toy body: SMPL's 6890 / 1723 / 431 vertices
+    except ImportError as e:                            # smplx missing
+        print(f"parameter counts skipped: {e}")
+    else:
+        print("\nparameters per preset (decoder on 6890 / 1723 / 431 vertices, 14 joints):")
+        for name, c in preset_parameter_counts(body_topology).items():
+            cfg = PRESETS[name]
+            if isinstance(c, str):
+                print(f"  {name:14s} {cfg.backbone:11s} {str(cfg.input_size):11s} not buildable: {c}")
+            else:
+                print(f"  {name:14s} {cfg.backbone:11s} {str(cfg.input_size):11s} total {sum(c) / 1e6:6.1f} M "
+                      f"= backbone {c[0] / 1e6:5.1f} M + decoder {c[1] / 1e6:5.2f} M")

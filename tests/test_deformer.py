@@ -1,6 +1,8 @@
 """Tests for deformer.py (DeFormer) on the tiny icosphere topology (162 -> 42 -> 12 vertices)."""
 from dataclasses import replace
 
+import math
+
 import pytest
 import torch
 
@@ -27,10 +29,23 @@ def make_model(topo, seed=0, **kw):
 
 
 def test_presets_and_defaults():
-    assert PRESETS["paper"].backbone == "hrnet_w48" and PRESETS["paper"].input_size == (224, 224)
-    assert PRESETS["dense"].mesh_levels[-1] == 0
+    p = PRESETS["paper"]
+    assert p.backbone == "hrnet_w48" and p.input_size == (256, 256) and p.dense_recovery
+    assert p.scap_orientation == "flow" and p.semantics == "block" and p.ordering == "rcm"
+    assert PRESETS["paper-384x288"].input_size == (384, 288)
+    assert PRESETS["dense"].mesh_levels[-1] == 0 and PRESETS["dense"].input_size == (256, 256)
+    assert PRESETS["hrformer"].backbone.startswith("hrformer")
     assert PRESETS["tiny"].backbone == "hrnet_tiny"
     assert deformer.TRAIN_DEFAULTS["epochs"] == 50
+
+
+def test_paper_input_gives_the_figures_maps():
+    """256x256 through strides 4..32: the official figure's 64x64, 32x32, 16x16 and 8x8 maps."""
+    from backbones import build_backbone
+    bb = build_backbone("hrnet_tiny")
+    with torch.no_grad():
+        feats = bb.forward_features(torch.zeros(1, 3, *PRESETS["paper"].input_size))
+    assert [tuple(f.shape[-2:]) for f in feats[-4:]] == [(64, 64), (32, 32), (16, 16), (8, 8)]
 
 
 @pytest.mark.parametrize("levels,blocks", [((2, 1), (2, 2)), ((2, 1, 0), (1, 1, 1))])
@@ -42,12 +57,13 @@ def test_shapes_every_level(icosphere_topology, levels, blocks):
     nv = topo["num_vertices"]
     assert out["vertices"].shape == (B, nv[0], 3)
     assert out["joints"].shape == (B, J, 3) and out["cam"].shape == (B, 3)
-    expected_levels = [levels[0]] + [l for l, n in zip(levels, blocks) for _ in range(n)]
+    blocks_levels = [levels[0]] + [l for l, n in zip(levels, blocks) for _ in range(n)]
+    expected_levels = blocks_levels + [levels[-1]]                 # + dense mesh recovery
     assert out["level_per_step"] == expected_levels
     for v, j, l in zip(out["vertices_per_step"], out["joints_per_step"], out["level_per_step"]):
         assert v.shape == (B, nv[l], 3) and j.shape == (B, J, 3)
     assert [v.shape[1] for v in out["vertices_per_level"]] == [nv[l] for l in levels]
-    assert [r.shape for r in out["ref_points"]] == [(B, J + nv[l], 2) for l in expected_levels[1:]]
+    assert [r.shape for r in out["ref_points"]] == [(B, J + nv[l], 2) for l in blocks_levels[1:]]
     assert all(torch.isfinite(v).all() for v in out["vertices_per_step"])
 
 
@@ -70,12 +86,12 @@ def test_reference_points_follow_camera_and_mesh(icosphere_topology):
     J = m.num_joints
     # Reference point of every block = projection of that block's input coordinates.
     coords0 = torch.cat([out["joints_per_step"][0], out["vertices_per_step"][0]], 1)
-    torch.testing.assert_close(calls[0][2], (project(coords0, out["cam"]) + 1) / 2)
+    torch.testing.assert_close(calls[0][2], (project(coords0, out["cam"]) + 1) / 2)   # square input
     coords1 = torch.cat([out["joints_per_step"][1], out["vertices_per_step"][1]], 1)
-    torch.testing.assert_close(calls[1][2], reference_points(coords1, out["cam"]))
+    torch.testing.assert_close(calls[1][2], reference_points(coords1, out["cam"], (64, 64)))
     up = m.upsample(out["vertices_per_step"][2], 2, 1)                          # stage boundary
     coords2 = torch.cat([out["joints_per_step"][2], up], 1)
-    torch.testing.assert_close(calls[2][2], reference_points(coords2, out["cam"]))
+    torch.testing.assert_close(calls[2][2], reference_points(coords2, out["cam"], (64, 64)))
     mod, q0, ref0, shapes = calls[0]
     loc0 = mod.sampling_locations(q0, ref0, shapes)
 
@@ -111,15 +127,105 @@ def test_reference_points_follow_camera_and_mesh(icosphere_topology):
     torch.testing.assert_close(ref3[:, :J] - ref1[:, :J], cam2[:, None, :1] * dj[None, :, :2] / 2)
 
 
-def test_block_is_sparse_exact_mode(icosphere_topology):
-    """A vertex's output of a whole block (tokens and coordinates) depends only on its SCAP row."""
+@pytest.mark.parametrize("size", [(48, 64), (64, 48), (40, 40)])
+def test_reference_points_land_on_the_label_pixel(size):
+    """Labels normalised by one length L = min(H, W) (u = 2x/L - W/L): the reference point of a
+    point projecting to a label must sample the feature pixel under that label, at any H x W."""
+    H, W = size
+    L = min(H, W)
+    g = torch.Generator().manual_seed(0)
+    px = torch.stack([torch.randint(0, W, (20,), generator=g), torch.randint(0, H, (20,), generator=g)], 1)
+    centre = px.float() + 0.5                                                    # pixel centres
+    uv = torch.stack([2 * centre[:, 0] / L - W / L, 2 * centre[:, 1] / L - H / L], 1)   # labels
+    # 3D points that the camera (s, tx, ty) projects onto those labels
+    cam = torch.tensor([[0.8, 0.1, -0.2]])
+    pts = torch.cat([uv / cam[:, :1] - cam[:, 1:], torch.randn(20, 1, generator=g)], 1)[None]
+    torch.testing.assert_close(project(pts, cam)[0], uv)
+    ref = reference_points(pts, cam, size)                                       # (1, 20, 2)
+    torch.testing.assert_close(ref[0] * torch.tensor([W, H]), centre)
+    # grid_sample as MSDeformAttn does it: the sampled value is that pixel's value
+    img = torch.arange(H * W, dtype=torch.float32).view(1, 1, H, W)
+    val = torch.nn.functional.grid_sample(img, 2 * ref[:, :, None] - 1, align_corners=False)
+    torch.testing.assert_close(val.flatten(), (px[:, 1] * W + px[:, 0]).float())
+
+
+def test_non_square_model_uses_image_size(icosphere_topology):
+    m = make_model(icosphere_topology, input_size=(64, 48)).eval()
+    calls = _record_cross_attn(m)
+    with torch.no_grad():
+        out = m(torch.randn(2, 3, 64, 48))
+    coords0 = torch.cat([out["joints_per_step"][0], out["vertices_per_step"][0]], 1)
+    uv = project(coords0, out["cam"])
+    expected = torch.stack([(uv[..., 0] * 48 / 48 + 1) / 2, (uv[..., 1] * 48 / 64 + 1) / 2], -1)
+    torch.testing.assert_close(calls[0][2], expected)
+    assert calls[0][3].tolist() == [[16, 12], [8, 6], [4, 3], [2, 2]]
+
+
+def test_dense_mesh_recovery_identity_at_start_and_shapes(icosphere_topology):
     topo = icosphere_topology
-    m = make_model(topo, semantics="exact", blocks_per_level=(1, 1)).eval()
+    m = make_model(topo).eval()
+    B, J, nv = 2, 14, topo["num_vertices"]
+    x = torch.randn(B, 3, 64, 64)
+    with torch.no_grad():
+        out = m(x)
+    # one step more than initial estimate + 4 blocks: the recovery, at the last query level
+    assert len(out["vertices_per_step"]) == 1 + 4 + 1 and out["level_per_step"][-1] == 1
+    assert out["vertices_per_step"][-1].shape == (B, nv[1], 3) and out["joints"].shape == (B, J, 3)
+    assert out["recovery_scale"].shape == (B,) and out["vertices"].shape == (B, nv[0], 3)
+    dec_v, dec_j = out["vertices_per_level"][-1], out["joints_per_step"][-2]
+    torch.testing.assert_close(out["recovery_scale"], torch.ones(B))
+    torch.testing.assert_close(out["vertices_per_step"][-1], dec_v, rtol=0, atol=0)   # identity
+    torch.testing.assert_close(out["joints"], dec_j, rtol=0, atol=0)
+    torch.testing.assert_close(out["vertices"], m.upsample(dec_v, 1, 0))
+    # a global scale of 1.5 about the pelvis: joints and vertices alike, pelvis fixed
+    with torch.no_grad():
+        m.recovery.scale_head.bias.fill_(math.log(1.5))
+        out2 = m(x)
+    torch.testing.assert_close(out2["recovery_scale"], torch.full((B,), 1.5))
+    pelvis = torch.einsum("v,bvc->bc", m.pelvis_reg_1, dec_v)[:, None]
+    torch.testing.assert_close(out2["vertices_per_step"][-1], pelvis + 1.5 * (dec_v - pelvis))
+    torch.testing.assert_close(out2["joints"], pelvis + 1.5 * (dec_j - pelvis))
+    # the scale depends on the tokens (MLPs), once the last layer is trained
+    with torch.no_grad():
+        m.recovery.scale_head.weight.normal_(0, 0.1)
+        s1 = m(x)["recovery_scale"]
+        s2 = m(torch.randn(B, 3, 64, 64))["recovery_scale"]
+    assert not torch.allclose(s1, s2)
+    off = make_model(topo, dense_recovery=False).eval()
+    with torch.no_grad():
+        out3 = off(x)
+    assert len(out3["vertices_per_step"]) == 1 + 4 and "recovery_scale" not in out3
+    assert off.recovery is None
+
+
+def _tile_members(mask, tile, ordering):
+    """(N, N) bool: token j lies in a non-zero tile of token i's tile row (from reorder +
+    blockify, independently of BlockSparsePlan; copy of tests/test_sparse_attention.py's)."""
+    from sparse_attention import blockify, reorder
+    perm = reorder(mask, ordering)
+    pos = torch.empty_like(perm)
+    pos[perm] = torch.arange(len(perm))
+    t = pos // tile
+    return blockify(mask[perm][:, perm], tile)[t][:, t]
+
+
+@pytest.mark.parametrize("semantics", ["exact", "block"])
+def test_block_is_sparse(icosphere_topology, semantics):
+    """A token's output of a whole block (tokens and coordinates) depends only on its SCAP row
+    ("exact") or on the tokens of its row's non-zero tiles ("block", the paper preset's)."""
+    topo = icosphere_topology
+    tile = 8 if semantics == "exact" else 2                   # 56 tokens: small tiles stay sparse
+    m = make_model(topo, semantics=semantics, blocks_per_level=(1, 1), tile_size=tile).eval()
     level, J, V = 1, 14, topo["num_vertices"][1]
     block = m.stages[1][0]
     mask = build_scap(mesh_adjacency(topo["faces"][level], V, self_loops=True),
                       topo["skin_weights"][level][:, topo["joint_to_smpl"]],
                       topo["joint_regressor"][level])
+    if semantics == "block":
+        scap = mask
+        mask = _tile_members(scap, tile, "rcm")
+        assert torch.equal(mask, block.self_attn.effective_mask())
+        assert bool((mask & ~scap).any()) and bool((mask >= scap).all())      # whole tiles
     g = torch.Generator().manual_seed(0)
     B, N, D = 2, J + V, 32
     tokens = torch.randn(B, N, D, generator=g)
@@ -131,7 +237,7 @@ def test_block_is_sparse_exact_mode(icosphere_topology):
     with torch.no_grad():
         for lin in (block.disp_mlp[-1],):                     # non-trivial displacements
             lin.weight.normal_(0, 0.1, generator=g)
-        t0, c0, _ = block(tokens, coords, cam, memory, shapes, starts)
+        t0, c0, _ = block(tokens, coords, cam, (64, 64), memory, shapes, starts)
     checked = 0
     for row in [J + 0, J + 7, J + V - 1, 3]:                   # vertices and one joint row
         outside = ~mask[row]
@@ -141,7 +247,7 @@ def test_block_is_sparse_exact_mode(icosphere_topology):
         t2[:, outside] += torch.randn(B, int(outside.sum()), D, generator=g) * 3
         c2[:, outside] += torch.randn(B, int(outside.sum()), 3, generator=g)
         with torch.no_grad():
-            t1, c1, _ = block(t2, c2, cam, memory, shapes, starts)
+            t1, c1, _ = block(t2, c2, cam, (64, 64), memory, shapes, starts)
         torch.testing.assert_close(t1[:, row], t0[:, row], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(c1[:, row], c0[:, row], rtol=1e-5, atol=1e-5)
         assert not torch.allclose(t1[:, ~mask[row]], t0[:, ~mask[row]])       # others did change
@@ -152,7 +258,7 @@ def test_block_is_sparse_exact_mode(icosphere_topology):
         t3 = tokens.clone()
         t3[:, other] += torch.randn(B, D, generator=g) * 3   # (a constant shift would vanish in LayerNorm)
         with torch.no_grad():
-            t4, _, _ = block(t3, coords, cam, memory, shapes, starts)
+            t4, _, _ = block(t3, coords, cam, (64, 64), memory, shapes, starts)
         assert not torch.allclose(t4[:, row], t0[:, row])
     assert checked >= 3
     assert mask.float().mean() < 0.6                          # really sparse
