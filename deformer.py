@@ -601,15 +601,15 @@ def _octahedron_topology(num_joints=14):
             "parents": torch.tensor([-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21])}
 
 
-def preset_parameter_counts(topology):
+def preset_parameter_counts(topology, backbone_device="meta"):
     """{preset: (backbone params, decoder params) or an error string}. The backbone is built on
-    the meta device (no memory, no weights); the decoder for real on `topology` (its size
-    depends only on the vertex counts, so the toy body gives SMPL's)."""
+    `backbone_device` (meta: no memory, no weights); the decoder for real on `topology` (its
+    size depends only on the vertex counts, so the toy body gives SMPL's)."""
     import backbones
     counts = {}
     for name, cfg in PRESETS.items():
         try:
-            with torch.device("meta"):
+            with torch.device(backbone_device):
                 bb = backbones.build_backbone(cfg.backbone, **cfg.backbone_kwargs)
         except KeyError as e:
             counts[name] = f"backbone {cfg.backbone!r} is not in backbones.py ({e})"

@@ -338,3 +338,14 @@ def test_toy_body_topology_shapes():
     assert out["vertices"].shape == (1, nv[0], 3)
     assert [v.shape[1] for v in out["vertices_per_level"]] == [nv[2], nv[1]]
     assert out["joints"].shape == (1, 14, 3)
+
+
+def test_preset_parameter_counts_and_missing_backbone(icosphere_topology, monkeypatch):
+    presets = {"tiny": PRESETS["tiny"], "absent": replace(PRESETS["tiny"], backbone="no_such_net")}
+    monkeypatch.setattr(deformer, "PRESETS", presets)
+    counts = deformer.preset_parameter_counts(icosphere_topology, backbone_device="cpu")
+    from backbones import build_backbone
+    n_bb = sum(p.numel() for p in build_backbone("hrnet_tiny").parameters())
+    model = DeFormer(PRESETS["tiny"], build_backbone("hrnet_tiny"), icosphere_topology)
+    assert counts["tiny"] == (n_bb, sum(p.numel() for p in model.parameters()) - n_bb)
+    assert isinstance(counts["absent"], str) and "'no_such_net'" in counts["absent"]
