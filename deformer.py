@@ -23,7 +23,9 @@ Official figures (shared/papers/deformer_overview.png, deformer_summary.png) and
   model's output and is supervised like every other step.
 
 What this file implements
-- Multi-scale image features: the backbone's 4 maps (HRNet-W48 by default, strides 4..32),
+- Multi-scale image features: the backbone's 4 maps (strides 4..32; by default the 2D-pose
+  HRNet-W48 `hrnet_w48_pose`, the poster's "pre-trained on 2D human pose: MPII or COCO":
+  deep-high-resolution-net / MMPose checkpoints load into it, no classification head is built),
   each projected to the model width (1x1 conv + GroupNorm, as Deformable DETR's input_proj)
   plus a learned level embedding; a pooled global feature (the figure's 1x1).
 - An initial estimate (the figure's "3D regressor") from the global feature: coarse template
@@ -112,8 +114,8 @@ step of the dense-query variant (6904 tokens, batch 2, hrnet_tiny backbone) with
 self-attention is 2.7x faster than fused masked SDPA at 8 heads (0.81 of its memory); at 2 heads
 (where naive attention fits) 3.5x faster than SDPA and 5.6x faster than naive with 0.36 of
 naive's memory (estimated 0.14 at 8 heads) (measured before issue 17's SCAP orientation and
-dense mesh recovery). Paper-default model: 83.8 M parameters (HRNet-W48 75.4 M + decoder 8.39 M;
-`python deformer.py` prints every preset's). "tiny" preset, toy body, batch 8: ~0.6 s CPU
+dense mesh recovery). Paper-default model: 72.0 M parameters (pose HRNet-W48 63.6 M + decoder
+8.39 M; `python deformer.py` prints every preset's). "tiny" preset, toy body, batch 8: ~0.6 s CPU
 time per training step on one thread.
 """
 import math
@@ -131,7 +133,7 @@ __all__ = ["DeFormerConfig", "PRESETS", "TRAIN_DEFAULTS", "DeFormer", "build_def
 
 @dataclass
 class DeFormerConfig:
-    backbone: str = "hrnet_w48"                 # backbones.build_backbone name
+    backbone: str = "hrnet_w48_pose"            # backbones.build_backbone name (2D-pose HRNet-W48)
     input_size: tuple = (256, 256)              # (H, W); official figure: 64x64 .. 8x8 maps
     backbone_kwargs: dict = field(default_factory=dict)
     num_feature_levels: int = 4                 # last L maps of backbone.forward_features
@@ -656,7 +658,7 @@ if __name__ == "__main__":
         for name, c in preset_parameter_counts(body_topology).items():
             cfg = PRESETS[name]
             if isinstance(c, str):
-                print(f"  {name:14s} {cfg.backbone:11s} {str(cfg.input_size):11s} not buildable: {c}")
+                print(f"  {name:14s} {cfg.backbone:15s} {str(cfg.input_size):11s} not buildable: {c}")
             else:
-                print(f"  {name:14s} {cfg.backbone:11s} {str(cfg.input_size):11s} total {sum(c) / 1e6:6.1f} M "
+                print(f"  {name:14s} {cfg.backbone:15s} {str(cfg.input_size):11s} total {sum(c) / 1e6:6.1f} M "
                       f"= backbone {c[0] / 1e6:5.1f} M + decoder {c[1] / 1e6:5.2f} M")

@@ -557,7 +557,7 @@ def scap_mask(model, topology, stage):
     j2s = torch.as_tensor(topology["joint_to_smpl"]).long()
     return build_scap(adj, torch.as_tensor(topology["skin_weights"][level]).float()[:, j2s],
                       torch.as_tensor(topology["joint_regressor"][level]).float(),
-                      threshold=model.cfg.scap_threshold)
+                      threshold=model.cfg.scap_threshold, orientation=model.cfg.scap_orientation)
 
 
 def downsample_bool(m, max_px):

@@ -30,11 +30,13 @@ def make_model(topo, seed=0, **kw):
 
 def test_presets_and_defaults():
     p = PRESETS["paper"]
-    assert p.backbone == "hrnet_w48" and p.input_size == (256, 256) and p.dense_recovery
+    assert p.backbone == "hrnet_w48_pose" and p.input_size == (256, 256) and p.dense_recovery
     assert p.scap_orientation == "flow" and p.semantics == "block" and p.ordering == "rcm"
     assert PRESETS["paper-384x288"].input_size == (384, 288)
     assert PRESETS["dense"].mesh_levels[-1] == 0 and PRESETS["dense"].input_size == (256, 256)
-    assert PRESETS["hrformer"].backbone.startswith("hrformer")
+    assert PRESETS["hrformer"].backbone == "hrformer_b"
+    from backbones import BACKBONES
+    assert all(c.backbone in BACKBONES for c in PRESETS.values())       # every preset builds
     assert PRESETS["tiny"].backbone == "hrnet_tiny"
     assert deformer.TRAIN_DEFAULTS["epochs"] == 50
 
@@ -42,7 +44,7 @@ def test_presets_and_defaults():
 def test_paper_input_gives_the_figures_maps():
     """256x256 through strides 4..32: the official figure's 64x64, 32x32, 16x16 and 8x8 maps."""
     from backbones import build_backbone
-    bb = build_backbone("hrnet_tiny")
+    bb = build_backbone("hrnet_tiny_pose")                     # the paper's pose HRNet, tiny widths
     with torch.no_grad():
         feats = bb.forward_features(torch.zeros(1, 3, *PRESETS["paper"].input_size))
     assert [tuple(f.shape[-2:]) for f in feats[-4:]] == [(64, 64), (32, 32), (16, 16), (8, 8)]
