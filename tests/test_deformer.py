@@ -160,7 +160,7 @@ def test_non_square_model_uses_image_size(icosphere_topology):
     uv = project(coords0, out["cam"])
     expected = torch.stack([(uv[..., 0] * 48 / 48 + 1) / 2, (uv[..., 1] * 48 / 64 + 1) / 2], -1)
     torch.testing.assert_close(calls[0][2], expected)
-    assert calls[0][3].tolist() == [[16, 12], [8, 6], [4, 3], [2, 2]]
+    assert [tuple(s) for s in calls[0][3]] == [(16, 12), (8, 6), (4, 3), (2, 2)]
 
 
 def test_dense_mesh_recovery_identity_at_start_and_shapes(icosphere_topology):
@@ -233,8 +233,8 @@ def test_block_is_sparse(icosphere_topology, semantics):
     tokens = torch.randn(B, N, D, generator=g)
     coords = torch.randn(B, N, 3, generator=g) * 0.3
     cam = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.1, -0.1]])
-    shapes = torch.tensor([[16, 16], [8, 8], [4, 4], [2, 2]])
-    starts = torch.tensor([0, 256, 320, 336])
+    shapes = [(16, 16), (8, 8), (4, 4), (2, 2)]
+    starts = [0, 256, 320, 336]
     memory = torch.randn(B, 340, D, generator=g)
     with torch.no_grad():
         for lin in (block.disp_mlp[-1],):                     # non-trivial displacements
