@@ -1254,7 +1254,7 @@ def body_regions(body_model):
     hj = J[15]
     hair = head & ((v[:, 1] > hj[1] + 0.06) | ((v[:, 2] < hj[2] - 0.01) & (v[:, 1] > hj[1] - 0.03)))
     # texture coordinates: on limbs, (around the limb axis, along it); on the trunk, (around, up)
-    u = np.arctan2(v[:, 0] - J[0, 0], v[:, 2] - J[0, 2]) * 0.15
+    u = np.arctan2(np.abs(v[:, 0] - J[0, 0]), v[:, 2] - J[0, 2]) * 0.15  # |x|: left = right
     w = v[:, 1] - J[0, 1]
     on_arm = arm >= 0
     u[on_arm] = np.arctan2(v[on_arm, 1] - J[16, 1], v[on_arm, 2] - J[16, 2]) * 0.05

@@ -177,3 +177,31 @@ def test_converter_when_anny_installed():
     R = d["J_regressor"].toarray()
     assert (R >= 0).all() and np.allclose(R.sum(1), 1)
     assert anny_body.serialise(d) == anny_body.serialise(d)   # deterministic bytes
+
+
+def test_clothed_people_have_no_left_right_colour_code():
+    import data
+    bm = body.BodyModel("toy")
+    sym = np.asarray(body.load_smpl_pickle(bm.model_path)["vert_sym_idxs"])  # exact mirror map
+    regions = data.body_regions(bm)
+    cols = data.clothed_colors(np.random.default_rng(0), regions, 6)        # (6,V,3)
+    assert cols.shape == (6, 6890, 3) and cols.min() >= 0 and cols.max() <= 1
+    differ = (np.abs(cols - cols[:, sym]).max(-1) > 0.02).mean()
+    assert differ < 0.01
+    # and they are dressed: several distinct colours per body (skin, top, bottom, shoes)
+    assert all(len(np.unique(np.round(c, 2), axis=0)) >= 4 for c in cols)
+
+
+def test_training_curves_png(tmp_path):
+    import curves
+    from PIL import Image
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"step": s, "epoch": 0, "loss": 10 / s, "lr": 1e-3, "loss_joints": 1 / s})
+             for s in range(1, 60)] + [json.dumps({"step": 59, "eval": {"mpjpe": 100.0}})]
+    log.write_text("\n".join(lines) + "\n")
+    assert curves.plot(log, tmp_path / "c.png") == 3
+    im = np.asarray(Image.open(tmp_path / "c.png"))
+    assert im.shape[2] == 3 and (im < 200).any()
+    log.write_text("not json\n")
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        curves.plot(log, tmp_path / "d.png")
