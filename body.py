@@ -979,7 +979,7 @@ class BodyModel(nn.Module):
                                    create_body_pose=False, create_transl=False,
                                    vertex_ids=vertex_ids, gender=gender)
         smpl_reg_names = (H36M_REGRESSOR_NAME, "J_regressor_h36m.npy")
-        not_smpl = self.topology_name not in ("smpl", "unknown")  # declared (or toy) identity
+        not_smpl = self.topology_name not in ("smpl", "unknown", "toy")  # a declared identity
         if (h36m_regressor_path is not None and not_smpl
                 and Path(h36m_regressor_path).name in smpl_reg_names):
             raise ValueError(f"{h36m_regressor_path}: an SMPL H36M regressor cannot be used with "

@@ -200,7 +200,8 @@ def evaluate(model, loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_b
     check_protocol(protocol)
     h36m_reg = body_model.J_regressor_h36m.to(device)
     acc, base_acc = MetricAccumulator(), MetricAccumulator()
-    f = body_model.faces.long().to(device)                                   # (F, 3)
+    f = getattr(body_model, "faces", None)  # (F, 3); stand-in bodies without faces: no edge metric
+    f = torch.zeros(0, 3, dtype=torch.long) if f is None else f.long().to(device)
     edges = torch.unique(torch.sort(torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), 1)[0], dim=0)
     edge_len = lambda v: (v[:, edges[:, 0]] - v[:, edges[:, 1]]).norm(dim=-1).mean(1).sum().item()
     edge_sums = [0.0, 0.0, 0]  # predicted, ground-truth mean edge length (m) summed over samples; n
@@ -218,7 +219,7 @@ def evaluate(model, loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_b
             acc.add(pj, gt_joints, valid, pv, gt_verts, has_smpl)
             acc.from_mesh += int(from_mesh.sum())
             sel = has_smpl > 0  # smoothness: mean edge length of the predicted vs the GT mesh
-            if sel.any():
+            if sel.any() and len(edges):
                 edge_sums[0] += edge_len(out["vertices"].double()[sel])
                 edge_sums[1] += edge_len(gt_verts[sel].double())
                 edge_sums[2] += int(sel.sum())
