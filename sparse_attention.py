@@ -495,10 +495,14 @@ def _work_items(plan, B, H, D, elt, bufs, dropout=False, N=None, share=1 / 3):
     in the forward, one in the backward, which allocates dq, dk, dv anyway).  A piece
     either covers all heads of several batch elements or some heads of one."""
     T = plan.T
+    # Under torch.export B is symbolic: split as for one sample, every piece covering the whole
+    # batch, so the split (Python control flow) does not depend on B; scratch grows with B.
+    symbolic = not isinstance(B, int)
+    Bs = 1 if symbolic else B
     n_tt = len(bufs["tt"]) + int(dropout)
     per = (n_tt * T * T + len(bufs["td"]) * T * D) * elt            # bytes per (head, row, slot)
     if plan.workspace_mb is None:
-        budget = max(2 ** 18, int(B * H * (N or plan.N) * D * elt * share))
+        budget = max(2 ** 18, int(Bs * H * (N or plan.N) * D * elt * share))
     else:
         budget = int(plan.workspace_mb * 2 ** 20)
     cap = max(1, budget // per)                                     # (head, row, slot) triples
@@ -509,7 +513,7 @@ def _work_items(plan, B, H, D, elt, bufs, dropout=False, N=None, share=1 / 3):
         ks = getattr(plan, f"key_scatter_{c}").view(n, S * T)
         bias = getattr(plan, f"bias_{c}")
         bias = bias if bias.numel() else None
-        rows = cap // (B * H * S)
+        rows = cap // (Bs * H * S)
         if rows >= 1:                                               # all heads, several rows
             pieces = -(-n // rows)
             step = -(-n // pieces)                                  # balanced row pieces
@@ -523,12 +527,12 @@ def _work_items(plan, B, H, D, elt, bufs, dropout=False, N=None, share=1 / 3):
             kw = (r0 + a, r0 + a + 1, S, kt[a], ks[a], None if bias is None else bias[a:a + 1])
             if heads >= H:
                 nb = heads // H
-                for b0 in range(0, B, nb):
-                    items.append((*kw, b0, min(B, b0 + nb), 0, H))
+                for b0 in range(0, Bs, nb):
+                    items.append((*kw, b0, B if symbolic else min(B, b0 + nb), 0, H))
             else:
-                for b0 in range(B):
+                for b0 in range(Bs):
                     for h0 in range(0, H, heads):
-                        items.append((*kw, b0, b0 + 1, h0, min(H, h0 + heads)))
+                        items.append((*kw, b0, B if symbolic else b0 + 1, h0, min(H, h0 + heads)))
     return [(c, *it) for c, it in enumerate(items)]
 
 
