@@ -182,13 +182,22 @@ def export_onnx(ep, path):
     """ExportedProgram -> ONNX file via torch.onnx.export(dynamo=True). Returns a message."""
     if importlib.util.find_spec("onnx") is None:
         return "ONNX skipped: the optional 'onnx' package is not installed (pip install onnx onnxscript)"
+    import shutil
+    path = Path(path)
+    # The .onnx names its weights file (<name>.onnx.data), so both are written under their final
+    # names in a temporary folder next to the output, then moved (weights first).
+    tmp = path.parent / f".{path.name}.tmp{os.getpid()}"
     try:
-        _atomic_write(path, lambda tmp: torch.onnx.export(ep, f=str(tmp), dynamo=True,
-                                                          input_names=["images"],
-                                                          output_names=list(OUTPUT_NAMES)))
+        tmp.mkdir()
+        prog = torch.onnx.export(ep, dynamo=True, input_names=["images"], output_names=list(OUTPUT_NAMES))
+        prog.save(str(tmp / path.name))
+        for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".onnx"):
+            os.replace(f, path.parent / f.name)
     except Exception as e:  # noqa: BLE001 - the .pt2 is the deliverable; ONNX is best effort
         return f"ONNX export failed ({type(e).__name__}): {str(e).splitlines()[0] if str(e) else ''}"
-    return f"wrote {path}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return f"wrote {path}" + (f" (+ {path.name}.data)" if (path.parent / f"{path.name}.data").exists() else "")
 
 
 def graph_ops(ep):
@@ -293,7 +302,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else (Path(args.ckpt).with_suffix(".pt2") if args.ckpt else
                                            Path("exports") / f"{args.model}_{args.preset}.pt2")
     onnx_out = out.with_suffix(".onnx")
-    for f in (out, onnx_out):
+    for f in (out, onnx_out, onnx_out.with_name(onnx_out.name + ".data")):
         if f.exists() and not args.overwrite:
             raise SystemExit(f"export.py: {f} exists; pass --overwrite to replace it or --out elsewhere")
     model, meta = load_for_export(args)

@@ -67,6 +67,7 @@ def test_programs_load_and_run_in_a_fresh_process_without_the_repository(exporte
         for mod in ("fastmetro", "tore", "deformer", "featup_hmr", "sparse_attention",
                     "deformable_attention", "body", "backbones", "export", "train"):
             assert importlib.util.find_spec(mod) is None, mod
+        torch.set_num_threads(1)
         cases = torch.load("cases.pt", weights_only=True)
         diff = {{}}
         for name, c in cases.items():
