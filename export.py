@@ -5,18 +5,19 @@ torch.export: https://pytorch.org/docs/stable/export.html ; ONNX: https://onnx.a
 What this file implements
 - `InferenceOutputs`: a thin wrapper that keeps the inference outputs of any of the four models:
   images (B, 3, H, W) in -> cam (B, 3), joints (B, J, 3), vertices (B, V, 3) out.
-- `export_model(model, input_size, path, ...)`: torch.export of the wrapper (backbone included)
+- `export_program(model, name)` / `save_program`: torch.export of the wrapper (backbone included)
   with a dynamic batch dimension, saved as an ExportedProgram (`.pt2`) with a JSON metadata entry
-  (model, preset, overrides, body, input size, output names) so the file is self-describing;
+  (source, model, preset, overrides, body, input size, output names), so the file describes itself;
   `export_onnx(...)`: the same program through `torch.onnx.export(dynamo=True)` when the optional
   `onnx` package is installed (skipped with a message otherwise; never a requirement).
-- `check(path)`: reloads the program, rebuilds the eager model from the metadata with the
-  program's own weights, and compares both on random and on synthetic rendered images (data.py),
+- `check(path)`: reloads the program, rebuilds the eager model from its recorded source (the
+  checkpoint / weights file through checkpoints.py; for a random init the architecture with the
+  program's own weights), and compares both on random and on synthetic rendered images (data.py),
   printing the max difference and images/s of both.
 
     python export.py --ckpt OUT/last.pt                  # -> OUT/last.pt2 (+ OUT/last.onnx)
     python export.py --model fastmetro --preset tiny     # random init (for testing the export)
-    python export.py --model tore --preset S-R50 --weights W.pt   # released/converted weights
+    python export.py --model tore --preset L-H64 --weights W.bin  # released weights (checkpoints.py)
     python export.py --check OUT/last.pt2
 
 How each model exports (no model is traced differently from how it runs eagerly)
@@ -30,7 +31,7 @@ How each model exports (no model is traced differently from how it runs eagerly)
 - FeatUp-HMR runs SMPL through smplx, whose `batch_rigid_transform` indexes a Python list with
   elements of the `parents` buffer. Under export that index is data-dependent, so FeatUp-HMR is
   traced with real-tensor propagation: the indices become the kinematic tree's constant values
-  (the program keeps runtime asserts on them). The other models never call smplx in forward.
+  (range constraints u_i in [k, k] of the program). The other models never call smplx in forward.
 
 Departures / limits
 - Only the batch dimension is dynamic; the image size is the preset's `input_size` (the models
@@ -75,46 +76,54 @@ class InferenceOutputs(nn.Module):
 
 # ----------------------------------------------------------------------------- loading
 def build_from_spec(meta, weights=None):
-    """meta {"model", "preset", "set", "body", "h36m_regressor"} -> (eval model, body model).
-    weights: a state dict for the model (None = random init, seeded by meta["seed"])."""
-    import train
+    """Random-init source: meta {"model", "preset", "set", "body", "h36m_regressor", "seed"} ->
+    (eval model, body model); weights: a state dict to load (strict) or None."""
+    import checkpoints
     torch.manual_seed(int(meta.get("seed", 0)))
-    body_model = train.build_body(meta.get("body"), meta.get("h36m_regressor"))
-    model, _ = train.build_model(meta["model"], meta["preset"], body_model,
-                                 overrides=train.parse_overrides(meta.get("set")))
+    body_model = checkpoints.build_body(meta.get("body"), meta.get("h36m_regressor"))
+    hierarchy, _ = checkpoints.load_hierarchy(body_model, meta.get("mesh_hierarchy"))
+    model, _ = checkpoints.build_model(meta["model"], meta["preset"], body_model,
+                                       overrides=checkpoints.parse_overrides(meta.get("set")),
+                                       hierarchy=hierarchy)
     if weights is not None:
         model.load_state_dict(weights)
     return model.eval(), body_model
 
 
-def load_weights(path):
-    """A weights file: a train.py checkpoint ({"model": state_dict, ...}) or a bare state dict."""
-    import train
-    ck = train.load_checkpoint(path, required=())
-    sd = ck["model"] if isinstance(ck.get("model"), dict) else ck
-    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise RuntimeError(f"weights file {path}: expected a state dict (name -> tensor) or a "
-                           "checkpoint with a 'model' state dict")
-    return sd
+def load_source(meta):
+    """The eager model a metadata dict names -> (eval model, body model). Sources: a train.py
+    checkpoint ("ckpt"), released weights ("weights" with model/preset, checkpoints.py), or a
+    random init ("seed") when neither is given."""
+    if not (meta.get("ckpt") or meta.get("weights")):
+        return build_from_spec(meta)
+    import checkpoints
+    model, body_model, _ = checkpoints.load_for_inference(
+        "cpu", ckpt=meta.get("ckpt"), weights=meta.get("weights"),
+        model=None if meta.get("ckpt") else meta["model"], preset=None if meta.get("ckpt") else meta["preset"],
+        body=meta.get("body"), h36m_regressor=meta.get("h36m_regressor"),
+        mesh_hierarchy=meta.get("mesh_hierarchy"),
+        overrides=None if meta.get("ckpt") else checkpoints.parse_overrides(meta.get("set")))
+    return model.eval(), body_model
 
 
 def load_for_export(args):
-    """CLI args -> (eval model, metadata dict)."""
-    if args.ckpt:
-        import train
-        model, _, cfg = train.load_model_from_checkpoint(args.ckpt, "cpu", body=args.body,
-                                                         h36m_regressor=args.h36m_regressor)
-        meta = {"model": cfg["model"], "preset": cfg["preset"], "set": cfg.get("set") or [],
-                "body": args.body or cfg.get("body"),
-                "h36m_regressor": args.h36m_regressor or cfg.get("h36m_regressor"),
-                "source": f"checkpoint {args.ckpt}"}
-        return model.eval(), meta
-    if not (args.model and args.preset):
-        raise SystemExit("export.py: give --ckpt, or --model and --preset (with --weights or random init)")
-    meta = {"model": args.model, "preset": args.preset, "set": args.set or [], "body": args.body,
-            "h36m_regressor": args.h36m_regressor, "seed": args.seed,
-            "source": f"weights {args.weights}" if args.weights else f"random init (seed {args.seed})"}
-    model, _ = build_from_spec(meta, load_weights(args.weights) if args.weights else None)
+    """CLI args -> (eval model, metadata dict naming its source)."""
+    if args.ckpt and (args.model or args.preset or args.weights or args.set):
+        raise SystemExit("export.py: --ckpt carries its own model, preset and config; drop "
+                         "--model/--preset/--weights/--set")
+    if not args.ckpt and not (args.model and args.preset):
+        raise SystemExit("export.py: give --ckpt, or --model and --preset (with --weights, else random init)")
+    meta = {"ckpt": args.ckpt and str(Path(args.ckpt).resolve()),
+            "weights": args.weights and str(Path(args.weights).resolve()),
+            "model": args.model, "preset": args.preset, "set": args.set or [], "seed": args.seed,
+            "body": args.body, "h36m_regressor": args.h36m_regressor, "mesh_hierarchy": args.mesh_hierarchy}
+    model, _ = load_source(meta)
+    if args.ckpt:                       # for the file's description only; --check reloads the checkpoint
+        import checkpoints
+        cfg = checkpoints.load_checkpoint(args.ckpt)["config"]
+        meta.update(model=cfg["model"], preset=cfg["preset"], set=cfg.get("set") or [])
+    meta["source"] = (f"checkpoint {args.ckpt}" if args.ckpt else f"weights {args.weights}" if args.weights
+                      else f"random init (seed {args.seed})")
     return model, meta
 
 
@@ -236,15 +245,17 @@ def images_per_second(fn, x, repeats=3):
 
 
 def eager_from_program(ep, meta):
-    """The eager model rebuilt from the metadata with the program's weights."""
-    model, body_model = build_from_spec(meta)
+    """The eager reference for a program: its recorded source (checkpoint / weights file, which
+    must still be there) or, for a random init, the architecture with the program's weights."""
+    model, body_model = load_source(meta)
     wrapper = InferenceOutputs(model)
-    prefix_ok = {k: v for k, v in ep.state_dict.items() if k in wrapper.state_dict()}
-    missing = set(wrapper.state_dict()) - set(prefix_ok)
-    if missing:
-        raise RuntimeError(f"exported program lacks weights for {sorted(missing)[:5]} ... "
-                           f"({len(missing)} tensors): not a program of {meta['model']}/{meta['preset']}")
-    wrapper.load_state_dict(prefix_ok)
+    if not (meta.get("ckpt") or meta.get("weights")):
+        want = wrapper.state_dict()
+        missing = set(want) - set(ep.state_dict)
+        if missing:
+            raise RuntimeError(f"exported program lacks weights for {sorted(missing)[:5]} ({len(missing)} "
+                               f"tensors): not a program of {meta['model']}/{meta['preset']}")
+        wrapper.load_state_dict({k: ep.state_dict[k] for k in want})
     return wrapper.eval(), body_model
 
 
@@ -276,14 +287,9 @@ def check(path, batch=4, repeats=3, synthetic=True):
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", help="train.py checkpoint (model, preset, overrides and body from its config)")
-    p.add_argument("--model", choices=("fastmetro", "tore", "deformer", "featup_hmr"))
-    p.add_argument("--preset")
-    p.add_argument("--weights", help="with --model/--preset: state dict or checkpoint to load (strict)")
-    p.add_argument("--set", nargs="*", default=None, help="config overrides key=value (as train.py --set)")
+    import checkpoints
+    checkpoints.add_model_args(p)      # --ckpt, --weights, --model, --preset, --body, --h36m-regressor, ...
     p.add_argument("--seed", type=int, default=0, help="random init seed (no --ckpt/--weights)")
-    p.add_argument("--body", default=None, help="SMPL model file (default: the checkpoint's, else the toy body)")
-    p.add_argument("--h36m-regressor", default=None)
     p.add_argument("--out", default=None, help="output .pt2 (default: next to --ckpt, else exports/<model>_<preset>.pt2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--max-batch", type=int, default=256, help="largest batch the program accepts")

@@ -5,12 +5,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import export
-import train
+import checkpoints
 
 MODELS = ("fastmetro", "tore", "deformer", "featup_hmr")
 TOL = 1e-5
@@ -62,7 +63,7 @@ def test_programs_load_and_run_in_a_fresh_process_without_the_repository(exporte
     torch.save(cases, tmp_path / "cases.pt")
     code = textwrap.dedent(f"""
         import importlib.util, json, sys, torch
-        repo = {json.dumps(str(train.Path(train.__file__).resolve().parent))}
+        repo = {json.dumps(str(Path(checkpoints.__file__).resolve().parent))}
         assert all(repo not in p for p in sys.path), sys.path
         for mod in ("fastmetro", "tore", "deformer", "featup_hmr", "sparse_attention",
                     "deformable_attention", "body", "backbones", "export", "train"):
