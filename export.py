@@ -23,8 +23,9 @@ What this file implements
 How each model exports (no model is traced differently from how it runs eagerly)
 - Block-sparse attention (DeFormer, sparse_attention.py): the plain-PyTorch "block" kernel, a
   custom autograd.Function, is traced through its forward (index_select / bmm / softmax); its
-  work split was Python control flow on B*H, so under export it is sized per (b, h) instead
-  (sparse_attention._work_items; same math, scratch memory grows with the batch).
+  work split is Python control flow on the batch, so under export it is sized for one sample
+  with every piece covering the whole batch (sparse_attention._work_items; same math, scratch
+  memory grows with the batch).
 - Deformable sampling (DeFormer, FeatUp-HMR, deformable_attention.py): the PyTorch core
   (grid_sample per level). The level shapes are Python ints (deformer.py, featup_hmr.py):
   torch.export cannot read sizes back out of a tensor.
