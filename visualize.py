@@ -241,9 +241,12 @@ def mesh_overlay(patch, vertices, faces, cam, focal=1000.0):
                           translation=t)
 
 
-def project01(points, cam):
-    """Weak perspective -> (x, y) in [0, 1] crop coordinates. points (N, 3), cam (3,)."""
-    return (cam[0] * (points[:, :2] + cam[1:]) + 1) / 2
+def project_pixels(points, cam, H, W):
+    """Weak perspective -> (x, y) crop pixels. points (N, 3) metres, cam (3,) = (s, tx, ty).
+    Both axes are normalised by one length L = min(H, W), as data.normalise_pixels does."""
+    uv = cam[0] * (points[:, :2] + cam[1:])                                      # (N, 2) normalised
+    L = min(H, W)
+    return np.stack([(uv[:, 0] * L + W) / 2, (uv[:, 1] * L + H) / 2], axis=-1)   # (N, 2) pixels
 
 
 # ----------------------------------------------------------------------------- attention
@@ -493,8 +496,8 @@ def cmd_sampling(args):
             if levels[t + 1] != lev:                                             # new stage: t carried up
                 with torch.no_grad():
                     v = model.upsample(torch.as_tensor(v)[None], lev, levels[t + 1])[0].numpy()
-            pic = dots(patch.copy(), project01(v, cam) * [W, H], np.array([[255, 150, 0]] * len(v)), 1)
-            pic = dots(pic, project01(vps[t + 1], cam) * [W, H], np.array([[0, 220, 255]] * len(v)), 1)
+            pic = dots(patch.copy(), project_pixels(v, cam, H, W), np.array([[255, 150, 0]] * len(v)), 1)
+            pic = dots(pic, project_pixels(vps[t + 1], cam, H, W), np.array([[0, 220, 255]] * len(v)), 1)
             moves.append((f"step {t} (orange) -> {t + 1} (cyan)", pic))
     files.append(figure([steps, moves] if moves else [steps], dest / "steps.png"))
     np.savez(dest / "sampling.npz", level_per_step=np.array(levels), **arrays)

@@ -225,3 +225,14 @@ def test_released_weights_draw_the_same_as_the_checkpoint(ckpts, tmp_path):
     assert sorted(da.files) == sorted(db.files)
     for k in da.files:
         np.testing.assert_allclose(da[k], db[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (256, 192), (384, 288)])
+def test_projection_to_pixels_follows_the_data_convention(size):
+    """visualize draws projected vertices with the same one-length normalisation as data.py's
+    labels, so the dots are right on non-square crops too."""
+    import data
+    rng = np.random.default_rng(0)
+    pts, cam = rng.normal(size=(40, 3)), np.array([0.9, 0.1, -0.2])
+    want = data.pixels_from_normalised(cam[0] * (pts[:, :2] + cam[1:]), size)
+    np.testing.assert_allclose(V.project_pixels(pts, cam, *size), want, atol=1e-9)
