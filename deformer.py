@@ -168,7 +168,7 @@ PRESETS = {
     "paper-384x288": DeFormerConfig(input_size=(384, 288)),
     "dense": DeFormerConfig(mesh_levels=(2, 1, 0), blocks_per_level=(2, 2, 2)),
     "hrformer": DeFormerConfig(backbone="hrformer_b"),
-    "tiny": DeFormerConfig(backbone="hrnet_tiny", input_size=(224, 224), dim=64, num_heads=4,
+    "tiny": DeFormerConfig(backbone="hrnet_tiny_pose", input_size=(224, 224), dim=64, num_heads=4,
                            ffn_dim=128, dropout=0.0, deform_heads=4, n_points=2,
                            blocks_per_level=(1, 1)),
 }

@@ -667,11 +667,12 @@ def train(args, status=None):
         print(f"note: starting from scratch; {ckpt_path} of an earlier run will be overwritten "
               "(pass --resume to continue it)", flush=True)
 
-    # fastmetro / tore / featup_hmr give every parameter a gradient each step
-    # (tests/test_all_parameters_used.py), so DDP skips the unused-parameter search for them;
-    # DeFormer's tiny preset still builds hrnet_tiny's classification head without using it.
+    # Every model's tiny preset gives every parameter a gradient each step
+    # (tests/test_all_parameters_used.py), so DDP skips the unused-parameter search; the DeFormer
+    # presets use backbones without a classification head (a backbone with one, set by hand,
+    # makes DDP stop at the first step with its own message naming the unused parameters).
     ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=args.model == "deformer") if world > 1 else model
+                    find_unused_parameters=False) if world > 1 else model
     use_amp = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
     logged_evals = set()
     if is_main and args.resume:

@@ -1,7 +1,7 @@
 """Every trainable parameter takes part in one training loss, so train.py wraps these models in DDP
 with find_unused_parameters=False (DDP raises on the next step if one does not). Checked on each
-model's tiny preset through train.build_model / make_targets, as train.py runs it. (DeFormer is not
-listed: its tiny preset builds hrnet_tiny's classification head, which it never reads.)"""
+model's tiny preset through train.build_model / make_targets, as train.py runs it (DeFormer's tiny
+preset is on hrnet_tiny_pose, which builds no classification head)."""
 import pytest
 import torch
 
@@ -14,7 +14,7 @@ def body():
     return BodyModel().eval()
 
 
-@pytest.mark.parametrize("name", ["fastmetro", "tore", "featup_hmr"])
+@pytest.mark.parametrize("name", ["fastmetro", "tore", "featup_hmr", "deformer"])
 def test_every_trainable_parameter_gets_a_gradient(body, name):
     torch.manual_seed(0)
     model, cfg = train.build_model(name, "tiny", body)

@@ -37,7 +37,7 @@ def test_presets_and_defaults():
     assert PRESETS["hrformer"].backbone == "hrformer_b"
     from backbones import BACKBONES
     assert all(c.backbone in BACKBONES for c in PRESETS.values())       # every preset builds
-    assert PRESETS["tiny"].backbone == "hrnet_tiny"
+    assert PRESETS["tiny"].backbone == "hrnet_tiny_pose"
     assert deformer.TRAIN_DEFAULTS["epochs"] == 50
 
 
@@ -347,7 +347,7 @@ def test_preset_parameter_counts_and_missing_backbone(icosphere_topology, monkey
     monkeypatch.setattr(deformer, "PRESETS", presets)
     counts = deformer.preset_parameter_counts(icosphere_topology, backbone_device="cpu")
     from backbones import build_backbone
-    n_bb = sum(p.numel() for p in build_backbone("hrnet_tiny").parameters())
-    model = DeFormer(PRESETS["tiny"], build_backbone("hrnet_tiny"), icosphere_topology)
+    n_bb = sum(p.numel() for p in build_backbone("hrnet_tiny_pose").parameters())
+    model = DeFormer(PRESETS["tiny"], build_backbone("hrnet_tiny_pose"), icosphere_topology)
     assert counts["tiny"] == (n_bb, sum(p.numel() for p in model.parameters()) - n_bb)
     assert isinstance(counts["absent"], str) and "'no_such_net'" in counts["absent"]
