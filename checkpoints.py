@@ -181,17 +181,32 @@ def build_model(name, preset, body_model, pretrained_backbone=None, overrides=No
 
 
 # ----------------------------------------------------------------------------- reading files
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load(weights_only=True) with the file named in every error."""
+def load_checkpoint(path, map_location="cpu", required=()):
+    """torch.load(weights_only=True) with errors that name the file and say what is wrong;
+    `required`: keys the loaded dict must hold (train.py's resume asks for its own)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise RuntimeError(f"could not read checkpoint {path}: the file is empty (0 bytes; an "
+                           "interrupted copy?): delete it or restore it from a backup")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise RuntimeError(f"could not read checkpoint {path} with weights_only=True: {e}. A file "
-                           "holding a pickled module (the official model.bin) cannot be read safely; "
-                           "use the state dict file (state_dict.bin).") from e
+        raise RuntimeError(f"could not read checkpoint {path} with weights_only=True: "
+                           f"{type(e).__name__}: {e or 'no details'} (not a torch checkpoint, truncated, "
+                           "or written by an incompatible torch; a file holding a pickled module, like "
+                           "the official model.bin, cannot be read safely: use the state dict file, "
+                           "state_dict.bin)") from e
+    if required and not isinstance(ck, dict):
+        raise RuntimeError(f"checkpoint {path} holds a {type(ck).__name__}, expected a dict with keys "
+                           f"{list(required)} (a checkpoint written by train.py)")
+    missing = [k for k in required if k not in ck]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks key(s) {missing} (found {sorted(ck)}): not a "
+                           "checkpoint written by train.py" + (", or a weights-only file: it cannot "
+                           "be resumed" if "model" in ck else ""))
+    return ck
 
 
 def unwrap_state_dict(obj, path):

@@ -392,28 +392,8 @@ RESUME_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "step", "epoch", "p
 
 
 def load_checkpoint(path, map_location="cpu", required=("model",)):
-    """torch.load(weights_only=True) with errors that name the file and say what is wrong;
-    `required`: keys the checkpoint must hold."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0:
-        raise RuntimeError(f"could not read checkpoint {path}: the file is empty (0 bytes; an "
-                           "interrupted copy?): delete it or restore it from a backup")
-    try:
-        ck = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise RuntimeError(f"could not read checkpoint {path}: {type(e).__name__}: {e or 'no details'} "
-                           "(not a torch checkpoint, truncated, or written by an incompatible torch)") from e
-    if not isinstance(ck, dict):
-        raise RuntimeError(f"checkpoint {path} holds a {type(ck).__name__}, expected a dict with keys "
-                           f"{list(required)} (a checkpoint written by train.py)")
-    missing = [k for k in required if k not in ck]
-    if missing:
-        raise RuntimeError(f"checkpoint {path} lacks key(s) {missing} (found {sorted(ck)}): not a "
-                           "checkpoint written by train.py" + (", or a weights-only file: it cannot "
-                           "be resumed" if "model" in ck else ""))
-    return ck
+    """checkpoints.load_checkpoint, requiring the keys a train.py checkpoint holds."""
+    return ckpt_lib.load_checkpoint(path, map_location, required)
 
 
 load_model_from_checkpoint = ckpt_lib.load_model_from_checkpoint     # moved to checkpoints.py
