@@ -1467,6 +1467,33 @@ def _generate(out_dir, n, split, seed, size, body_path, h36m_regressor_path, bat
     return npz
 
 
+def write_person_boxes(npz_path, out_path, box_scale=1.2, limit=None):
+    """SPIN npz crops -> demo.py's --boxes JSON {image file: [[x1, y1, x2, y2], ...]} (pixels).
+
+    A SPIN crop is a square of side 200 * scale around `center` that already holds the 1.2 margin
+    around the person; the box written is that square shrunk by `box_scale`, so demo.py (which
+    enlarges --boxes by --box-scale, default 1.2) crops exactly what training and evaluation
+    crop. Rows that share an image become a list of boxes. limit: the first `limit` images only.
+    Validated as NpzDataset does (keys, lengths, shapes, NaN). Returns the number of boxes."""
+    if not box_scale > 0:
+        raise ValueError(f"box_scale must be > 0, got {box_scale}")
+    ds = NpzDataset(npz_path)
+    boxes = {}
+    for name, (cx, cy), s in zip(ds.d["imgname"], ds.d["center"], ds.d["scale"]):
+        name = str(name)
+        if name not in boxes and limit is not None and len(boxes) >= limit:
+            continue
+        half = 100.0 * float(s) / box_scale
+        boxes.setdefault(name, []).append([round(cx - half, 2), round(cy - half, 2),
+                                           round(cx + half, 2), round(cy + half, 2)])
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(boxes, indent=0))
+    os.replace(tmp, out)
+    return sum(len(v) for v in boxes.values())
+
+
 # ----------------------------------------------------------------------------- CLI
 def smoke_test():
     """`python data.py` with no command: render 8 synthetic samples (96 px) into a fresh temp
@@ -1510,12 +1537,19 @@ def main(argv=None):
     t.add_argument("--out", required=True)
     t.add_argument("--name", default=None)
     t.add_argument("--img-root", default=None)
+    bx = sub.add_parser("boxes", help="person boxes of a SPIN npz as demo.py --boxes JSON")
+    bx.add_argument("--npz", required=True)
+    bx.add_argument("--out", required=True)
+    bx.add_argument("--box-scale", type=float, default=1.2, help="the margin demo.py adds (its --box-scale)")
+    bx.add_argument("--limit", type=int, default=None, help="first N images only")
     a = p.parse_args(argv)
     if a.cmd is None:
         smoke_test()
     elif a.cmd == "synth":
         generate_synthetic(a.out, a.n, a.split, a.seed, a.size, a.body, a.h36m_regressor, a.batch_size,
                            threads=a.threads, appearance=a.appearance, orientation=a.orientation)
+    elif a.cmd == "boxes":
+        print(f"wrote {a.out} ({write_person_boxes(a.npz, a.out, a.box_scale, a.limit)} boxes)")
     else:
         y = write_metro_tsv(a.npz, a.out, a.name or Path(a.npz).stem, a.img_root)
         print(f"wrote {y}")

@@ -41,5 +41,9 @@ print(f"training ran {done} of {want} steps" + ("" if done >= want else
 EOF
 python3 evaluate.py --ckpt "$OUT/last.pt" --data "$DATA/test.npz" --baseline-data "$DATA/train.npz" \
     --out "$OUT/eval_test.json"
-python3 demo.py --ckpt "$OUT/last.pt" --images "$DATA/images/test" --limit 4 --out "outputs/demo-$MODEL"
+# Person boxes from the test annotations (as a detector would give them): the overlays show the crops
+# the model sees, not the whole frame.
+python3 data.py boxes --npz "$DATA/test.npz" --out "$DATA/test_boxes.json" --limit 4
+python3 demo.py --ckpt "$OUT/last.pt" --images "$DATA/images/test" --boxes "$DATA/test_boxes.json" \
+    --limit 4 --out "outputs/demo-$MODEL"
 python3 curves.py "$OUT/log.jsonl" --out "outputs/curves-$MODEL.png"

@@ -190,3 +190,29 @@ def test_demo_folder_of_photos(ckpt, tmp_path):
     picture = np.asarray(photo.read_image(src / "a.jpg"))
     changed = (full != picture).any(-1)
     assert changed[:, :75].any() and changed[:, 85:].any()             # a mesh in each person's box
+
+
+def test_npz_person_boxes_give_the_training_crop(tmp_path):
+    """data.py boxes -> demo.py --boxes: the demo crops the square training crops (the
+    quickstart's overlays are of the crops the model was trained on, not of the whole frame)."""
+    data.generate_synthetic(tmp_path, 3, split="test", seed=1, size=96)
+    npz = tmp_path / "test.npz"
+    boxes_json = tmp_path / "boxes.json"
+    data.main(["boxes", "--npz", str(npz), "--out", str(boxes_json)])
+    boxes = photo.load_boxes(boxes_json)                               # enlarged by the default 1.2
+    z = np.load(npz)
+    names = [str(n) for n in z["imgname"]]
+    assert sorted(boxes) == sorted(Path(n).name for n in names)
+    for i, name in enumerate(names):
+        (cx, cy, side), = boxes[Path(name).name]
+        image = photo.read_image(tmp_path / name)
+        patch, _ = photo.crop(image, cx, cy, side, (64, 64))
+        A = data.crop_matrix(z["center"][i], z["scale"][i] * 200.0, 0.0, (64, 64))
+        train_crop = data.warp_image(image, A, (64, 64)).astype(int)   # the un-augmented training crop
+        assert np.abs(np.asarray(patch, dtype=int) - train_crop).max() <= 1
+        off, _ = photo.crop(image, cx + side / 8, cy, side, (64, 64))
+        assert np.abs(np.asarray(off, dtype=int) - train_crop).mean() > 5
+    data.main(["boxes", "--npz", str(npz), "--out", str(boxes_json), "--limit", "2"])
+    assert len(json.loads(boxes_json.read_text())) == 2
+    with pytest.raises(ValueError, match="box_scale"):
+        data.write_person_boxes(npz, boxes_json, box_scale=0)
