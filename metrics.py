@@ -31,11 +31,18 @@ Departures / readings
   regressor's joints on the GT mesh (counted as `gt_joints_from_mesh` in the results); the official
   TSVs always carry 3D joints.
 - Mean-pose baseline (ours): every test sample predicted as the mean protocol-centred GT joints and
-  the mean pelvis-centred GT mesh of a training set; the number any model must beat.
+  the mean pelvis-centred GT mesh of a training set; the number any model must beat. With any yaw
+  in the data this mean is a collapsed figure, so a second reference (ours) is printed where the
+  sets carry SMPL poses: the training set's mean pose in the BODY frame (GT joints and mesh turned
+  back by their global orientation) turned by each test sample's TRUE global orientation, i.e.
+  what a model that knew the orientation and nothing else would score. Its PA-MPJPE (which
+  ignores orientation) is the mean articulated pose's: a model below it knows articulation.
 """
 import math
 
 import torch
+
+from body import axis_angle_to_matrix
 
 H36M_TO_LSP = [3, 2, 1, 4, 5, 6, 16, 15, 14, 11, 12, 13, 8, 10]
 J24_TO_LSP = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 18]
@@ -199,7 +206,8 @@ def evaluate(model, loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_b
     """
     check_protocol(protocol)
     h36m_reg = body_model.J_regressor_h36m.to(device)
-    acc, base_acc = MetricAccumulator(), MetricAccumulator()
+    acc, base_acc, oriented_acc = MetricAccumulator(), MetricAccumulator(), MetricAccumulator()
+    oriented = baseline is not None and "body_joints" in baseline
     f = getattr(body_model, "faces", None)  # (F, 3); stand-in bodies without faces: no edge metric
     f = torch.zeros(0, 3, dtype=torch.long) if f is None else f.long().to(device)
     edges = torch.unique(torch.sort(torch.cat([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), 1)[0], dim=0)
@@ -229,6 +237,12 @@ def evaluate(model, loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_b
             bv = baseline["vertices"].to(device).expand(b, -1, -1)
             base_acc.add(bj, gt_joints, valid, bv, gt_verts, has_smpl)
             base_acc.from_mesh += int(from_mesh.sum())
+        if oriented and "pose" in batch:      # the body-frame mean turned by each sample's true orientation
+            R = axis_angle_to_matrix(batch["pose"].to(device).double()[:, :3])        # (B, 3, 3)
+            oj = torch.einsum("bij,nj->bni", R, baseline["body_joints"].to(device))   # (B, 14, 3)
+            ov = torch.einsum("bij,vj->bvi", R, baseline["body_vertices"].to(device))  # (B, V, 3)
+            has = has_smpl > 0
+            oriented_acc.add(oj, gt_joints, valid & has, ov, gt_verts, has_smpl)
     if model is not None and was_training:
         model.train()
     res = {"protocol": protocol, "model": acc.result() if model is not None else None}
@@ -238,15 +252,19 @@ def evaluate(model, loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_b
         res["model"]["edge_length_ratio"] = edge_sums[0] / max(edge_sums[1], 1e-12)
     if baseline is not None:
         res["mean_pose_baseline"] = base_acc.result()
+    if oriented and oriented_acc.result()["num_samples"]:
+        res["mean_pose_true_orientation"] = oriented_acc.result()
     return res
 
 
 @torch.no_grad()
 def mean_pose_baseline(loader, body_model, device, protocol=DEFAULT_PROTOCOL, max_batches=None):
-    """Mean protocol-centred GT joints (14,3) and pelvis-centred GT mesh (V,3) over a training set."""
+    """Mean protocol-centred GT joints (14,3) and pelvis-centred GT mesh (V,3) over a training set;
+    with SMPL poses in the set also their means in the body frame ("body_joints", "body_vertices":
+    the GT turned back by its global orientation, x_body = R^T x; see the file header)."""
     h36m_reg = body_model.J_regressor_h36m.to(device)
-    sj = sv = 0
-    nj = nv = 0
+    sj = sv = bj = bv = 0
+    nj = nv = nb = 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -258,19 +276,28 @@ def mean_pose_baseline(loader, body_model, device, protocol=DEFAULT_PROTOCOL, ma
         if sel.any():
             sv = sv + verts[sel].sum(0)
             nv += int(sel.sum())
+        both = sel & valid
+        if "pose" in batch and both.any():
+            R = axis_angle_to_matrix(batch["pose"].to(device).double()[both, :3])   # (b, 3, 3)
+            bj = bj + (joints[both] @ R).sum(0)                                    # rows: (R^T x)^T = x^T R
+            bv = bv + (verts[both] @ R).sum(0)
+            nb += int(both.sum())
     if nv == 0 or nj == 0:
         raise ValueError("mean_pose_baseline: the training set needs samples with 3D joints (or SMPL) "
                          "and with has_smpl=1 to build a mean pose and mesh")
-    return {"joints": sj / nj, "vertices": sv / nv}
+    out = {"joints": sj / nj, "vertices": sv / nv}
+    if nb:
+        out.update(body_joints=bj / nb, body_vertices=bv / nb)
+    return out
 
 
 def print_table(results, title="Evaluation (mm)"):
     rows = [(name, r) for name, r in results.items() if isinstance(r, dict) and "mpjpe" in r]
     proto = results.get("protocol")
     print(f"\n{title}" + (f" - protocol {proto}" if proto else ""))
-    print(f"{'':22s} {'MPJPE':>8s} {'PA-MPJPE':>9s} {'MPVE':>8s} {'N':>6s}")
+    print(f"{'':28s} {'MPJPE':>8s} {'PA-MPJPE':>9s} {'MPVE':>8s} {'N':>6s}")
     for name, r in rows:
-        print(f"{name:22s} {r['mpjpe']:8.1f} {r['pa_mpjpe']:9.1f} {r['mpve']:8.1f} {r['num_samples']:6d}")
+        print(f"{name:28s} {r['mpjpe']:8.1f} {r['pa_mpjpe']:9.1f} {r['mpve']:8.1f} {r['num_samples']:6d}")
     if isinstance(results.get("model"), dict) and isinstance(results.get("mean_pose_baseline"), dict):
         ratio = results["model"]["mpjpe"] / results["mean_pose_baseline"]["mpjpe"]
         print(f"MPJPE model / mean-pose baseline = {ratio:.3f}")

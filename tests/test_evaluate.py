@@ -64,3 +64,34 @@ def test_accumulator_reports_millimetres_and_per_joint():
     assert abs(res["mpjpe"] - 10.0) < 1e-3
     assert res["pa_mpjpe"] < 1e-3
     assert all(abs(v - 10.0) < 1e-3 for v in res["per_joint_mpjpe"].values())
+
+
+def test_mean_pose_true_orientation_reference():
+    """The body-frame mean pose turned by each sample's true orientation: exact when every sample
+    has the same articulation and shape (only the orientation differs), while the camera-frame
+    mean (the mean-pose baseline) is far off; samples without SMPL are not counted."""
+    import numpy as np
+
+    import data
+    import metrics
+    from body import BodyModel
+    body = BodyModel().eval()                                     # the toy body
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    articulation = (torch.rand(1, 69, generator=g) - 0.5) * 0.6
+    orient = torch.randn(n, 3, generator=g, dtype=torch.float64)  # any orientation
+    pose = torch.cat([orient.float(), articulation.expand(n, -1)], 1)
+    betas = torch.randn(1, 10, generator=g).expand(n, -1) * 0.5
+    with torch.no_grad():
+        verts = body(betas, pose)["vertices"]
+    S = torch.tensor(data.h36m_to_j24(body.h36m_joints(verts).numpy().astype(np.float64)), dtype=torch.float32)
+    batch = {"pose": pose, "betas": betas, "joints3d": S, "has_3d": torch.ones(n),
+             "has_smpl": torch.ones(n)}
+    base = metrics.mean_pose_baseline([batch], body, torch.device("cpu"))
+    res = metrics.evaluate(None, [batch], body, torch.device("cpu"), baseline=base)
+    oriented, mean = res["mean_pose_true_orientation"], res["mean_pose_baseline"]
+    assert oriented["mpjpe"] < 0.01 and oriented["mpve"] < 0.01 and oriented["pa_mpjpe"] < 0.01   # mm
+    assert mean["mpjpe"] > 50 and mean["mpve"] > 50
+    half = dict(batch, has_smpl=torch.tensor([1.0, 1, 1, 0, 0, 0]))
+    assert metrics.evaluate(None, [half], body, torch.device("cpu"), baseline=base)[
+        "mean_pose_true_orientation"]["num_samples"] == 3
