@@ -632,8 +632,10 @@ def bench_featup_hmr(args):
 def _torch_mha_peer(model):
     """A copy of a FastMETRO model whose attention modules are torch.nn.MultiheadAttention
     called the way the official FastMETRO transformer calls them (sequence-first, default
-    need_weights=True, boolean attn_mask), with the same weights. Everything else (layer order,
-    norms, FFN, dropout, heads of the model) is shared, so the ratio isolates the attention."""
+    need_weights=True, boolean attn_mask), with the same weights, and whose dropout layers are
+    torch.nn.Dropout, as the official layers' (fastmetro.Dropout draws its CPU mask more cheaply).
+    Everything else (layer order, norms, FFN, heads of the model) is shared, so the ratio
+    isolates attention and dropout."""
     import copy
 
     import fastmetro as fm
@@ -651,6 +653,8 @@ def _torch_mha_peer(model):
                 t = SeqFirstMHA(child.embed_dim, child.num_heads, dropout=child.dropout)
                 t.load_state_dict(child.state_dict())
                 setattr(mod, name, t)
+            elif isinstance(child, fm.Dropout):
+                setattr(mod, name, nn.Dropout(child.p))
     return peer
 
 

@@ -246,6 +246,55 @@ def axis_angle_to_matrix(aa):
 
 
 # ----------------------------------------------------------------------------- transformer
+_MASK_LEVELS = 1 << 16          # keep probability resolution of dropout_mask (16 random bits)
+_MASK_CHUNK = 1 << 18           # mask elements per chunk: 2^16 int64 draws = 512 KiB, stays in cache
+
+
+def dropout_mask(shape, p, dtype=torch.float32, device="cpu"):
+    """Inverted-dropout multiplier for CPU: (shape) tensor of independent draws, 0 with
+    probability 1 - k/65536 and 65536/k otherwise, k = round((1 - p) * 65536); E[mask] = 1 exactly.
+
+    Why: on CPU, bernoulli_ draws one mt19937 number per element (about 8 ns each on the
+    project machine); here each 64-bit draw of torch's generator (full range, all 64 bits
+    uniform) gives four 16-bit uniforms, compared with k in cache-sized chunks. Same generator
+    (torch.manual_seed / fork_rng apply), 4x fewer draws, no full-size temporaries but the mask.
+    The keep probability is quantised to 1/65536 (p = 0.1 keeps 58982/65536 = 0.899994); the
+    scale is 65536/k, so the expectation is exact. `attn * dropout_mask(...)` is F.dropout's own
+    arithmetic (input times a 0 / 1/(1-p) mask) with this mask."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"fastmetro.py: dropout probability must be in [0, 1], got {p}")
+    k = round((1.0 - p) * _MASK_LEVELS)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if k == 0 or k == _MASK_LEVELS:                       # p ~ 1: all dropped; p ~ 0: all kept
+        return out.fill_(float(k > 0))
+    flat, n = out.view(-1), out.numel()
+    scale, threshold = _MASK_LEVELS / k, k - _MASK_LEVELS // 2   # int16 draws are in [-2^15, 2^15)
+    for lo in range(0, n, _MASK_CHUNK):
+        hi = min(n, lo + _MASK_CHUNK)
+        # (ceil((hi - lo) / 4),) int64 over the full 64-bit range -> 4 x int16 each -> (hi - lo,)
+        bits = torch.empty((hi - lo + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)
+        torch.mul(bits.view(torch.int16)[: hi - lo] < threshold, scale, out=flat[lo:hi])
+    return out
+
+def dropout(x, p, training=True):
+    """F.dropout(x, p, training) with the mask drawn by `dropout_mask` on CPU (F.dropout elsewhere,
+    where it is a fused kernel). Same inverted dropout: x * mask, mask in {0, 1/keep}."""
+    if not training or p == 0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    return x * dropout_mask(x.shape, p, x.dtype, x.device)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same arguments, no parameters) whose CPU mask comes from `dropout_mask`."""
+
+    def forward(self, x):
+        """x (any shape) -> same shape."""
+        if self.inplace:
+            raise ValueError("fastmetro.py: Dropout(inplace=True) is not supported")
+        return dropout(x, self.p, self.training)
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter names and init.
 
@@ -289,7 +338,7 @@ class MultiheadAttention(nn.Module):
             if attn_mask is not None:  # one additive float mask, added in place (matmul keeps no output)
                 attn.add_(torch.zeros(attn_mask.shape, dtype=attn.dtype, device=attn.device)
                           .masked_fill_(attn_mask, float("-inf")))          # (Lq, Lk) broadcast
-            attn = F.dropout(attn.softmax(-1), p) if p > 0 else attn.softmax(-1)
+            attn = dropout(attn.softmax(-1), p)    # CPU: the cheaper mask (dropout_mask)
             out = attn @ v                                                    # (B, H, Lq, C/H)
         out = out.transpose(1, 2).reshape(B, Lq, C)                           # (B, H, Lq, C/H) -> (B, Lq, C)
         return self.out_proj(out)
@@ -303,7 +352,7 @@ class TransformerEncoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(d, nhead, dropout, attention_impl)
         self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
         self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout, self.dropout1, self.dropout2 = (nn.Dropout(dropout) for _ in range(3))
+        self.dropout, self.dropout1, self.dropout2 = (Dropout(dropout) for _ in range(3))
 
     def forward(self, src, pos):
         """src (B, L, C); pos (B or 1, L, C) (zeros on the camera token)."""
@@ -323,7 +372,7 @@ class TransformerDecoderLayer(nn.Module):
         self.multihead_attn = MultiheadAttention(d, nhead, dropout, attention_impl)
         self.linear1, self.linear2 = nn.Linear(d, ff), nn.Linear(ff, d)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout, self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(4))
+        self.dropout, self.dropout1, self.dropout2, self.dropout3 = (Dropout(dropout) for _ in range(4))
 
     def forward(self, tgt, memory, pos, tgt_mask=None):
         """tgt (B, N, C), memory (B, L, C), pos (B or 1, L, C) added to the memory keys."""

@@ -152,8 +152,10 @@ def test_attention_matches_torch_multihead_attention():
         fm.MultiheadAttention(32, 4, impl="flash")
 
 
-def _attention_before_folding(m, query, key, value, attn_mask):
-    """The explicit path as it was before the mask was folded in (out-of-place masked_fill)."""
+def _attention_before_folding(m, query, key, value, attn_mask, mask_draw=fm.dropout_mask):
+    """The explicit path as it was before the mask was folded in (out-of-place masked_fill), with
+    F.dropout's arithmetic (probabilities x a 0 / 1/keep mask); the mask comes from `mask_draw`
+    (None: F.dropout itself, the path before issue 16's dropout_mask)."""
     B, Lq, C = query.shape
     Lk, H = key.shape[1], m.num_heads
     w_q, w_k, w_v = m.in_proj_weight.chunk(3)
@@ -163,7 +165,11 @@ def _attention_before_folding(m, query, key, value, attn_mask):
     v = F.linear(value, w_v, b_v).reshape(B, Lk, H, C // H).transpose(1, 2)
     attn = (q * (C // H) ** -0.5) @ k.transpose(-2, -1)
     attn = attn.masked_fill(attn_mask, float("-inf"))
-    attn = F.dropout(attn.softmax(-1), m.dropout)
+    p = m.dropout if m.training else 0.0
+    if mask_draw is None or p == 0:
+        attn = F.dropout(attn.softmax(-1), p)
+    else:
+        attn = attn.softmax(-1) * mask_draw(attn.shape, p, attn.dtype)
     out = (attn @ v).transpose(1, 2).reshape(B, Lq, C)
     return m.out_proj(out)
 
@@ -187,6 +193,77 @@ def test_folded_mask_equals_old_path_with_dropout(impl):
         assert torch.equal(a, b)
     torch.manual_seed(8)
     assert not torch.equal(m(x, x, x, attn_mask=mask), grads[0][0])      # dropout is on
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_attention_without_dropout_is_unchanged(impl):
+    """Eval mode, and training with p = 0, give the pre-issue-16 path (F.dropout) bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 32)
+    mask = torch.rand(9, 9) > 0.5
+    mask.fill_diagonal_(False)
+    for p, train in ((0.3, False), (0.0, True)):
+        m = fm.MultiheadAttention(32, 4, dropout=p, impl="math").train(train)
+        expect = _attention_before_folding(m, x, x, x, mask, mask_draw=None)
+        m.impl = impl
+        if impl == "math":
+            assert torch.equal(m(x, x, x, attn_mask=mask), expect)
+        else:                                           # fused SDPA: same maths, other rounding
+            torch.testing.assert_close(m(x, x, x, attn_mask=mask), expect, atol=1e-6, rtol=1e-5)
+
+
+def test_dropout_mask_keep_rate_scale_and_independence():
+    """dropout_mask: keep rate k/65536 (k = round(0.9 * 65536) for p = 0.1), values exactly
+    {0, 65536/k}, mean 1, each of the four 16-bit lanes of a 64-bit draw unbiased, neighbours
+    uncorrelated, every element written (odd sizes across chunk ends), seeded by torch."""
+    k = round(0.9 * 65536)
+    shape = (3, fm._MASK_CHUNK // 2 + 1)                         # 1.5 chunks + 3: odd tails
+    torch.manual_seed(0)
+    mask = fm.dropout_mask(shape, 0.1)
+    assert mask.shape == shape and mask.dtype == torch.float32
+    scale = torch.tensor(65536 / k, dtype=torch.float32)
+    assert set(mask.unique().tolist()) == {0.0, float(scale)}
+    keep = (mask > 0).double().flatten()
+    n, rate = keep.numel(), k / 65536
+    sigma = math.sqrt(rate * (1 - rate) / n)
+    assert abs(float(keep.mean()) - rate) < 5 * sigma
+    assert abs(float(mask.double().mean()) - 1.0) < 5 * sigma * float(scale)
+    lanes = keep[: n // 4 * 4].view(-1, 4).mean(0)                   # the 4 int16 of each int64
+    assert (lanes - rate).abs().max() < 5 * sigma * 2
+    centred = keep - keep.mean()
+    for lag in (1, 4, 5):
+        corr = float((centred[:-lag] * centred[lag:]).mean() / centred.square().mean())
+        assert abs(corr) < 5 / math.sqrt(n), (lag, corr)
+    torch.manual_seed(0)
+    assert torch.equal(fm.dropout_mask(shape, 0.1), mask)           # torch's generator seeds it
+    assert not torch.equal(fm.dropout_mask(shape, 0.1), mask)
+    half = (fm.dropout_mask((1 << 16,), 0.5) > 0).double().mean()
+    assert abs(float(half) - 0.5) < 5 * 0.5 / 256
+    assert torch.equal(fm.dropout_mask((3, 5), 0.0), torch.ones(3, 5))
+    assert torch.equal(fm.dropout_mask((3, 5), 1.0), torch.zeros(3, 5))
+    assert fm.dropout_mask((2, 3), 0.5, torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="dropout probability must be in"):
+        fm.dropout_mask((2,), 1.5)
+
+
+def test_dropout_is_inverted_dropout_with_that_mask():
+    """fm.dropout / fm.Dropout = x * dropout_mask (outputs and gradients); identity in eval;
+    the layers of the transformer use it, as the attention probabilities do."""
+    x = torch.randn(4, 50, 16, requires_grad=True)
+    g = torch.randn(4, 50, 16)
+    layer = fm.Dropout(0.25)
+    torch.manual_seed(3)
+    y = layer(x)
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.manual_seed(3)
+    mask = fm.dropout_mask(x.shape, 0.25)
+    assert torch.equal(y, x * mask) and torch.equal(gx, g * mask)
+    assert torch.equal(layer.eval()(x), x) and torch.equal(fm.dropout(x, 0.0), x)
+    assert isinstance(layer, nn.Dropout) and not list(layer.parameters())
+    with pytest.raises(ValueError, match="inplace"):
+        fm.Dropout(0.1, inplace=True).train()(x)
+    t = fm.Transformer(32, 4, 1, 1, 64, 0.1)
+    assert all(type(mod) is fm.Dropout for mod in t.modules() if isinstance(mod, nn.Dropout))
 
 
 def test_attention_impl_is_a_config_argument(icosphere_topology):
