@@ -13,6 +13,7 @@ variants measured in the same process.
 import argparse
 import ctypes
 import gc
+import os
 import statistics
 import sys
 import time
@@ -94,19 +95,21 @@ def peak_memory(fn):
 
 def ab_ratio(fa, fb, rounds=5):
     """A/B timing: one warm-up call each, then `rounds` rounds of (A, B) alternated.
-    Returns (median of per-round ratios A/B, median A seconds, median B seconds)."""
+    Returns (median of per-round wall-time ratios A/B, median A seconds, median B seconds,
+    median of per-round CPU-time ratios). The CPU-time ratio (process time: every thread of
+    the process, so a peer's worker threads count) is the steadier one on a loaded machine,
+    where wall time also counts the time the process waited for a core."""
     fa()
     fb()
-    ta, tb = [], []
+    ta, tb, ca, cb = [], [], [], []
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        fa()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        fb()
-        tb.append(time.perf_counter() - t0)
+        for f, t, c in ((fa, ta, ca), (fb, tb, cb)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            t.append(time.perf_counter() - t0)
+            c.append(time.process_time() - c0)
     return (statistics.median(a / b for a, b in zip(ta, tb)), statistics.median(ta),
-            statistics.median(tb))
+            statistics.median(tb), statistics.median(a / max(b, 1e-9) for a, b in zip(ca, cb)))
 
 
 def target_line(what, value, target, note=""):
@@ -686,12 +689,13 @@ def _peers_fastmetro(args):
                     if torch.is_tensor(v) and v.requires_grad).backward()
             return run
         ours.eval(), peer.eval()
-        r, ta, tb = ab_ratio(evaluate(ours), evaluate(peer), args.rounds)
-        target_line(f"FastMETRO-{preset} eval forward / peer", r, 1.0, f"{ta:.2f} s vs {tb:.2f} s")
+        r, ta, tb, rc = ab_ratio(evaluate(ours), evaluate(peer), args.rounds)
+        target_line(f"FastMETRO-{preset} eval forward / peer", r, 1.0, f"{ta:.2f} s vs {tb:.2f} s; CPU-time ratio {rc:.3f}")
         ours.train(), peer.train()
-        r, ta, tb = ab_ratio(train(ours), train(peer), args.rounds)
+        r, ta, tb, rc = ab_ratio(train(ours), train(peer), args.rounds)
         target_line(f"FastMETRO-{preset} train forward+backward (dropout "
-                    f"{fm.PRESETS[preset].dropout}) / peer", r, 0.9, f"{ta:.2f} s vs {tb:.2f} s")
+                    f"{fm.PRESETS[preset].dropout}) / peer", r, 0.9,
+                    f"{ta:.2f} s vs {tb:.2f} s; CPU-time ratio {rc:.3f}")
         del ours, peer
 
 
@@ -730,8 +734,9 @@ def _peers_sparse_attention(args):
         block = lambda a, b, c: sa.block_sparse_attention(a, b, c, plan)          # noqa: E731
         masked = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=scap)  # noqa: E731
         dense = lambda a, b, c: F.scaled_dot_product_attention(a, b, c)           # noqa: E731
-        r, ta, tb = ab_ratio(step(block), step(masked), args.rounds)
-        target_line("fwd+bwd time / SDPA with the boolean mask", r, 1.0, f"{ta:.3f} s vs {tb:.3f} s")
+        r, ta, tb, rc = ab_ratio(step(block), step(masked), args.rounds)
+        target_line("fwd+bwd time / SDPA with the boolean mask", r, 1.0,
+                    f"{ta:.3f} s vs {tb:.3f} s; CPU-time ratio {rc:.3f}")
         if flex is None:
             print(f"  FlexAttention: skipped ({flex_err})")
         else:
@@ -742,10 +747,10 @@ def _peers_sparse_attention(args):
                 t0 = time.perf_counter()
                 fwd(lambda a, b, c: flex(a, b, c, block_mask=bm), qp, kp, vp)()
                 compile_s = time.perf_counter() - t0
-                r, ta, tb = ab_ratio(fwd(block), fwd(lambda a, b, c: flex(a, b, c, block_mask=bm),
+                r, ta, tb, rc = ab_ratio(fwd(block), fwd(lambda a, b, c: flex(a, b, c, block_mask=bm),
                                                      qp, kp, vp), args.rounds)
                 target_line("forward time / compiled FlexAttention (BlockMask of the same pattern, "
-                            "RCM order)", r, 1.0, f"{ta:.3f} s vs {tb:.3f} s; compiled in "
+                            "RCM order)", r, 1.0, f"{ta:.3f} s vs {tb:.3f} s; CPU-time ratio {rc:.3f}; compiled in "
                             f"{compile_s:.0f} s; FlexAttention has no CPU backward, so fwd only")
             except Exception as e:         # noqa: BLE001 - optional peer
                 print(f"  FlexAttention: skipped ({type(e).__name__}: {str(e)[:200]})")
@@ -762,19 +767,29 @@ def _peers_render(args):
     faces = torch.as_tensor(bm.faces).long()
     v = torch.as_tensor(bm.v_template).float()
     v = v - v.mean(0) + torch.tensor([0.0, 0.0, 2.5])           # (V, 3), in front of the camera
+    # Headless: pyrender's default platform (pyglet) needs a display; EGL (Mesa's llvmpipe
+    # software rasteriser, no GPU needed) or OSMesa do not. llvmpipe gets as many rasteriser
+    # threads as torch has, so both sides use the same cores. A user's own settings win.
+    if not os.environ.get("DISPLAY"):
+        os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    os.environ.setdefault("LP_NUM_THREADS", str(torch.get_num_threads()))
     try:
         import pyrender
         import trimesh
     except Exception as e:                 # noqa: BLE001 - optional peer, never a dependency
         pyrender = None
-        why = f"{type(e).__name__}: {e}"
+        why = (f"not installed ({type(e).__name__}: {e}); it is an optional peer, never a "
+               "requirement: e.g. python3 -m venv --system-site-packages .gl/venv && "
+               ".gl/venv/bin/pip install pyrender, then run bench.py with .gl/venv/bin/python")
+    print(f"  pyrender platform {os.environ.get('PYOPENGL_PLATFORM', 'default (pyglet)')}, "
+          f"LP_NUM_THREADS {os.environ.get('LP_NUM_THREADS')}", flush=True)
     for size in (224, 1024):
         focal = 1.1 * size
         ours = lambda: render.render(v[None], faces, focal, None, (size, size))   # noqa: E731
         if pyrender is None:
-            r, ta, _ = ab_ratio(ours, lambda: None, args.rounds)
+            r, ta, _, _ = ab_ratio(ours, lambda: None, args.rounds)
             print(f"  rasteriser {size}x{size}, one {v.shape[0]}-vertex mesh: {ta * 1e3:.1f} ms; "
-                  f"pyrender peer skipped (not installed: {why})", flush=True)
+                  f"pyrender peer skipped: {why}", flush=True)
             continue
         try:
             scene = pyrender.Scene(ambient_light=[0.45] * 3)
@@ -783,12 +798,14 @@ def _peers_render(args):
             scene.add(pyrender.IntrinsicsCamera(focal, focal, size / 2, size / 2))
             scene.add(pyrender.DirectionalLight(intensity=3.0))
             gl = pyrender.OffscreenRenderer(size, size)
-            r, ta, tb = ab_ratio(ours, lambda: gl.render(scene), args.rounds)
+            r, ta, tb, rc = ab_ratio(ours, lambda: gl.render(scene), args.rounds)
             target_line(f"rasteriser + shading {size}x{size} / pyrender", r, 1.0,
-                        f"{ta * 1e3:.1f} ms vs {tb * 1e3:.1f} ms")
+                        f"{ta * 1e3:.1f} ms vs {tb * 1e3:.1f} ms; CPU-time ratio {rc:.3f}")
             gl.delete()
-        except Exception as e:             # noqa: BLE001
-            print(f"  pyrender {size}x{size}: skipped ({type(e).__name__}: {str(e)[:200]})")
+        except Exception as e:             # noqa: BLE001 - e.g. no EGL/OSMesa library here
+            print(f"  pyrender {size}x{size}: skipped, it cannot render headless here "
+                  f"({type(e).__name__}: {str(e)[:200]}; needs an EGL or OSMesa library, "
+                  f"PYOPENGL_PLATFORM=egl or osmesa)", flush=True)
 
 
 def bench_peers(args):

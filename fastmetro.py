@@ -64,6 +64,19 @@ Departures from the paper / official code
   torch.utils.flop_counter counts; it does not count CPU SDPA). The explicit path adds the mask
   in place as one additive float mask (0 / -inf), as nn.MultiheadAttention's baddbmm does, instead
   of an out-of-place masked_fill on the (B, H, Lq, Lk) scores; results are bit-identical.
+- Dropout on CPU (attention probabilities and the layers' `Dropout`, an nn.Dropout subclass with
+  the same names): the same inverted dropout, x * mask with independent per-element draws, but
+  the mask comes from `dropout_mask` (four 16-bit uniforms per 64-bit draw of torch's generator,
+  compared in cache-sized chunks) instead of bernoulli_, which cost ~8 ns per element and was
+  most of the train step's extra time. Departure: the keep probability is quantised to 1/65536
+  (p = 0.1 keeps with probability 58982/65536 = 0.899994 instead of 0.9) and kept entries are
+  scaled by 65536/58982, so E[mask] = 1 exactly; the masks differ from F.dropout's for the same
+  seed. On the attention probabilities, softmax and dropout are one autograd function
+  (`softmax_dropout`): the mask buffer becomes the output and the backward needs no mask (two
+  fewer (B, H, Lq, Lk) temporaries; same forward values, gradients equal up to rounding).
+  Eval mode and p = 0 are unchanged, bit for bit. Other devices use F.dropout (fused there).
+  Measured in `bench.py peers` (train ratio); tests check keep rate, scale, the four lanes of
+  each draw, neighbour independence, gradcheck and the unchanged eval path.
 - Token counts, the attention mask and the up/down maps come from the `topology` dict (any body
   model in SMPL format, e.g. the toy body or a test icosphere), not from SMPL data files. The
   learnable upsampling layer is `Linear(V2, V1)` (431 -> 1723 for SMPL).
@@ -100,7 +113,8 @@ from torch import nn
 
 __all__ = ["FastMETROConfig", "PRESETS", "TRAIN_DEFAULTS", "FastMETRO", "build_fastmetro",
            "Transformer", "PositionEmbeddingSine", "convert_official_state_dict",
-           "official_key_names"]
+           "official_key_names", "Dropout", "dropout", "dropout_mask",
+           "softmax_dropout"]
 
 
 # ----------------------------------------------------------------------------- config
@@ -295,6 +309,39 @@ class Dropout(nn.Dropout):
             raise ValueError("fastmetro.py: Dropout(inplace=True) is not supported")
         return dropout(x, self.p, self.training)
 
+class _SoftmaxDropout(torch.autograd.Function):
+    """dropout(softmax(scores, -1), p) on CPU with two fewer full-size temporaries: the mask
+    buffer becomes the output (mask *= probs, in place) and the backward needs no mask.
+
+    Backward: with dP = mask * g, softmax's gradient P * (dP - sum(P * dP)) has P * dP =
+    (mask * P) * g = out * g, so d scores = t - P * rowsum(t), t = out * g (same maths as
+    autograd's, other rounding)."""
+
+    @staticmethod
+    def forward(ctx, scores, p):
+        probs = scores.softmax(-1)
+        out = dropout_mask(probs.shape, p, probs.dtype, probs.device).mul_(probs)
+        ctx.save_for_backward(probs, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        probs, out = ctx.saved_tensors
+        t = out * grad                                                    # (..., Lk) = P * dP
+        return t.addcmul_(probs, t.sum(-1, keepdim=True), value=-1), None
+
+
+def softmax_dropout(scores, p):
+    """dropout(scores.softmax(-1), p): the same values as `dropout` of the softmax (bit for bit
+    in the forward, same generator draws); on CPU one fused autograd function (see
+    _SoftmaxDropout), elsewhere F.dropout."""
+    if p == 0:
+        return scores.softmax(-1)
+    if scores.device.type != "cpu":
+        return F.dropout(scores.softmax(-1), p, True)
+    return _SoftmaxDropout.apply(scores, p)
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's parameter names and init.
 
@@ -338,7 +385,7 @@ class MultiheadAttention(nn.Module):
             if attn_mask is not None:  # one additive float mask, added in place (matmul keeps no output)
                 attn.add_(torch.zeros(attn_mask.shape, dtype=attn.dtype, device=attn.device)
                           .masked_fill_(attn_mask, float("-inf")))          # (Lq, Lk) broadcast
-            attn = dropout(attn.softmax(-1), p)    # CPU: the cheaper mask (dropout_mask)
+            attn = softmax_dropout(attn, p)        # CPU: cheaper mask, fused backward
             out = attn @ v                                                    # (B, H, Lq, C/H)
         out = out.transpose(1, 2).reshape(B, Lq, C)                           # (B, H, Lq, C/H) -> (B, Lq, C)
         return self.out_proj(out)

@@ -177,7 +177,8 @@ def _attention_before_folding(m, query, key, value, attn_mask, mask_draw=fm.drop
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
 def test_folded_mask_equals_old_path_with_dropout(impl):
     """Training with dropout: the additive in-place mask gives the old masked_fill path's
-    outputs and gradients exactly, under the same dropout seed."""
+    outputs exactly, under the same dropout seed, and its gradients (to rounding: the fused
+    softmax-dropout backward orders the sums differently)."""
     torch.manual_seed(0)
     m = fm.MultiheadAttention(32, 4, dropout=0.3, impl=impl).train()
     x = torch.randn(2, 9, 32, requires_grad=True)
@@ -189,8 +190,9 @@ def test_folded_mask_equals_old_path_with_dropout(impl):
         torch.manual_seed(7)
         y = f()
         grads.append((y, *torch.autograd.grad(y, [x, *m.parameters()], g)))
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1:], grads[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.manual_seed(8)
     assert not torch.equal(m(x, x, x, attn_mask=mask), grads[0][0])      # dropout is on
 
@@ -244,6 +246,30 @@ def test_dropout_mask_keep_rate_scale_and_independence():
     assert fm.dropout_mask((2, 3), 0.5, torch.float64).dtype == torch.float64
     with pytest.raises(ValueError, match="dropout probability must be in"):
         fm.dropout_mask((2,), 1.5)
+
+
+def test_softmax_dropout_gradients():
+    """The fused CPU softmax-dropout: gradcheck (same seed each call, blocked -inf entries
+    included), and the same values and gradients as softmax then x * dropout_mask."""
+    s = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    s[..., 2] = float("-inf")                                       # a blocked key (P = 0)
+    s.requires_grad_()
+
+    def f(x):
+        torch.manual_seed(0)
+        return fm.softmax_dropout(x, 0.4)
+    assert torch.autograd.gradcheck(f, (s,))
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    g = torch.randn(2, 4, 9, 9)
+    torch.manual_seed(1)
+    y = fm.softmax_dropout(x, 0.1)
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.manual_seed(1)
+    y_ref = x.softmax(-1) * fm.dropout_mask(x.shape, 0.1)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fm.softmax_dropout(x, 0.0), x.softmax(-1))
 
 
 def test_dropout_is_inverted_dropout_with_that_mask():
