@@ -781,11 +781,15 @@ def _peers_render(args):
         why = (f"not installed ({type(e).__name__}: {e}); it is an optional peer, never a "
                "requirement: e.g. python3 -m venv --system-site-packages .gl/venv && "
                ".gl/venv/bin/pip install pyrender, then run bench.py with .gl/venv/bin/python")
-    print(f"  pyrender platform {os.environ.get('PYOPENGL_PLATFORM', 'default (pyglet)')}, "
-          f"LP_NUM_THREADS {os.environ.get('LP_NUM_THREADS')}", flush=True)
+    else:
+        print(f"  pyrender {pyrender.__version__}, platform "
+              f"{os.environ.get('PYOPENGL_PLATFORM', 'default (pyglet)')}, LP_NUM_THREADS "
+              f"{os.environ.get('LP_NUM_THREADS')}; both sides cull back faces (pyrender's default "
+              f"for a single-sided mesh; same image for a closed mesh)", flush=True)
     for size in (224, 1024):
         focal = 1.1 * size
-        ours = lambda: render.render(v[None], faces, focal, None, (size, size))   # noqa: E731
+        ours = lambda: render.render(v[None], faces, focal, None, (size, size),  # noqa: E731
+                                     cull_backfaces=True)
         if pyrender is None:
             r, ta, _, _ = ab_ratio(ours, lambda: None, args.rounds)
             print(f"  rasteriser {size}x{size}, one {v.shape[0]}-vertex mesh: {ta * 1e3:.1f} ms; "
