@@ -338,12 +338,13 @@ def bench_backbones(args):
             m(x)
         peak = peak_memory(step) if device == "cuda" else float("nan")
         stats[ckpt] = (timed(step, repeats=2), saved[0], peak)
+        peak_text = f"{peak / 2**20:8.1f} MiB" if device == "cuda" else "n/a (CUDA only)"
         print(f"  checkpointing={ckpt!s:5s}: {stats[ckpt][0] * 1e3:8.1f} ms, saved for backward "
-              f"{saved[0] / 2**20:8.1f} MiB, peak {peak / 2**20:8.1f} MiB", flush=True)
+              f"{saved[0] / 2**20:8.1f} MiB, peak {peak_text}", flush=True)
         del m
     print(f"  ratio with/without: time x{stats[True][0] / stats[False][0]:.2f}, "
-          f"saved activations x{stats[True][1] / max(stats[False][1], 1):.2f}, "
-          f"peak x{stats[True][2] / stats[False][2]:.2f}")
+          f"saved activations x{stats[True][1] / max(stats[False][1], 1):.2f}"
+          + (f", peak x{stats[True][2] / stats[False][2]:.2f}" if device == "cuda" else ""))
 
 
 def bench_fastmetro_tore(args):
