@@ -17,9 +17,9 @@ if [ "${BODY:-}" = hand ]; then  # hand mesh recovery instead: synthetic FreiHAN
 fi
 MODEL="${MODEL:-fastmetro}"
 BODY="${BODY:-anny}"
-STEPS="${STEPS:-2400}"
-MINUTES="${MINUTES:-14}"
-N_TRAIN="${N_TRAIN:-3000}"
+STEPS="${STEPS:-3200}"
+MINUTES="${MINUTES:-13}"
+N_TRAIN="${N_TRAIN:-5000}"
 N_TEST="${N_TEST:-300}"
 SIZE="${SIZE:-128}"
 OUT="${OUT:-runs/quickstart-$MODEL}"
