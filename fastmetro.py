@@ -6,6 +6,9 @@ Official code: https://github.com/postech-ami/FastMETRO (read for facts: module 
 order, initialisation, loss weights; no code copied).
 
 What this file implements
+- `FastMETROCore`: the part the official body and hand networks share (conv_1x1, token
+  embeddings, both transformer stages, xyz_regressor, cam_predictor, decoder mask);
+  `FastMETRO` (body) and fastmetro_hand.FastMETROHand subclass it.
 - `FastMETRO(cfg, backbone, topology)`: backbone (B, C, h, w) -> `conv_1x1` (C -> 512) -> h*w image
   tokens; two stacked encoder-decoder transformers (stage 1: d=512, FFN 2048; stage 2: d=128,
   FFN 512; 8 heads, dropout 0.1, ReLU, pre-norm layers, a final LayerNorm after each encoder and
@@ -111,7 +114,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FastMETROConfig", "PRESETS", "TRAIN_DEFAULTS", "FastMETRO", "build_fastmetro",
+__all__ = ["FastMETROConfig", "PRESETS", "TRAIN_DEFAULTS", "FastMETROCore", "FastMETRO", "build_fastmetro",
            "Transformer", "PositionEmbeddingSine", "convert_official_state_dict",
            "official_key_names", "Dropout", "dropout", "dropout_mask",
            "softmax_dropout"]
@@ -656,23 +659,28 @@ def check_targets(targets, B, J, V0, where):
 
 
 # ----------------------------------------------------------------------------- model
-class FastMETRO(nn.Module):
-    """FastMETRO body network. See the file header for the architecture."""
+class FastMETROCore(nn.Module):
+    """What the official body and hand networks share (FastMETRO_Body_Network,
+    FastMETRO_Hand_Network; same module names): `conv_1x1`, the camera / joint / vertex token
+    embeddings, two encoder-decoder stages with the `dim_reduce_*` layers between them,
+    `xyz_regressor` and `cam_predictor`. Decoder self-attention mask (J+V, J+V), True = blocked:
+    joint rows see everything, vertex rows see every joint plus themselves and their 1-ring
+    neighbours in `token_faces` (the mesh of the V vertex tokens). Subclasses add their upsampling
+    and loss; error messages name `source_file`."""
 
-    def __init__(self, cfg: FastMETROConfig, backbone: nn.Module, topology: dict):
+    source_file = "fastmetro.py"
+
+    def __init__(self, cfg, backbone: nn.Module, num_joints: int, num_vertex_tokens: int, token_faces):
         super().__init__()
-        nv = check_topology(topology)
         self.cfg = cfg
         self.backbone = backbone
-        J = int(topology["joint_regressor"][0].shape[0])
-        V0, V1, V2 = nv[:3]
-        self.num_joints, self.num_vertices = J, V2
-        self.num_vertices_levels = (V0, V1, V2)
+        J, V = int(num_joints), int(num_vertex_tokens)
+        self.num_joints, self.num_vertices = J, V
         d1, d2 = cfg.model_dim_1, cfg.model_dim_2
         L = cfg.num_layers
         c_in = cfg.conv_1x1_dim or getattr(backbone, "out_channels", None)
         if c_in is None:
-            raise ValueError("fastmetro.py: cfg.conv_1x1_dim is None and the backbone has no `out_channels`")
+            raise ValueError(f"{self.source_file}: cfg.conv_1x1_dim is None and the backbone has no `out_channels`")
 
         self.transformer_1 = Transformer(d1, cfg.nhead, L, L, cfg.feedforward_dim_1, cfg.dropout, cfg.attention_impl)
         self.transformer_2 = Transformer(d2, cfg.nhead, L, L, cfg.feedforward_dim_2, cfg.dropout, cfg.attention_impl)
@@ -681,31 +689,21 @@ class FastMETRO(nn.Module):
         self.dim_reduce_dec = nn.Linear(d1, d2)
         self.cam_token_embed = nn.Embedding(1, d1)
         self.joint_token_embed = nn.Embedding(J, d1)
-        self.vertex_token_embed = nn.Embedding(V2, d1)
+        self.vertex_token_embed = nn.Embedding(V, d1)
         self.position_encoding_1 = PositionEmbeddingSine(d1 // 2)
         self.position_encoding_2 = PositionEmbeddingSine(d2 // 2)
         self.xyz_regressor = nn.Linear(d2, 3)
         self.cam_predictor = nn.Linear(d2, 3)
         self.conv_1x1 = nn.Conv2d(c_in, d1, kernel_size=1)
-        self.coarse2intermediate_upsample = nn.Linear(V2, V1)
-        if cfg.use_learnable_upsample:
-            self.intermediate2fine_upsample = nn.Linear(V1, V0)
-        if cfg.use_smpl_param_regressor:
-            self.smpl_parameter_regressor = SMPLParamRegressor(V1)
-
-        # Decoder self-attention mask (J+V2, J+V2), True = blocked: joint rows see everything,
-        # vertex rows see every joint plus their 1-ring neighbours and themselves.
-        adj = mesh_adjacency(topology["faces"][2], V2, self_loops=True)
-        mask = torch.zeros(J + V2, J + V2, dtype=torch.bool)
+        adj = mesh_adjacency(token_faces, V, self_loops=True)
+        mask = torch.zeros(J + V, J + V, dtype=torch.bool)
         mask[J:, J:] = ~adj
         self.register_buffer("attention_mask", mask, persistent=False)
-        register_mesh_buffers(self, topology)
 
-    # --------------------------------------------------------------------- forward
     def image_tokens(self, features):
         """(B, C, h, w) backbone map -> tokens (B, h*w, d1), pos_1 (1, h*w, d1), pos_2 (1, h*w, d2)."""
         if features.dim() != 4 or features.shape[1] != self.conv_1x1.in_channels:
-            raise ValueError(f"fastmetro.py: backbone output must be (B, {self.conv_1x1.in_channels}, h, w), "
+            raise ValueError(f"{self.source_file}: backbone output must be (B, {self.conv_1x1.in_channels}, h, w), "
                              f"got {tuple(features.shape)}")
         _, _, h, w = features.shape
         x = self.conv_1x1(features).flatten(2).transpose(1, 2)               # (B, d1, h, w) -> (B, h*w, d1)
@@ -713,21 +711,57 @@ class FastMETRO(nn.Module):
         pos_2 = self.position_encoding_2(h, w, x.device, x.dtype)[None]       # (1, h*w, d2)
         return x, pos_1, pos_2
 
-    def forward_head(self, features):
-        """Everything after the backbone. features (B, C, h, w) -> output dict (see forward)."""
+    def token_outputs(self, features):
+        """Both transformer stages. features (B, C, h, w) -> cam (B, 3) weak perspective (s, tx, ty),
+        joints (B, J, 3) and vertex-token positions (B, V, 3), metres (model frame)."""
         B = features.shape[0]
         img, pos_1, pos_2 = self.image_tokens(features)
         cam_token = self.cam_token_embed.weight[None].expand(B, -1, -1)      # (1, d1) -> (B, 1, d1)
         jv_tokens = torch.cat([self.joint_token_embed.weight, self.vertex_token_embed.weight], 0)
-        jv_tokens = jv_tokens[None].expand(B, -1, -1)                         # (J+V2, d1) -> (B, J+V2, d1)
+        jv_tokens = jv_tokens[None].expand(B, -1, -1)                         # (J+V, d1) -> (B, J+V, d1)
 
         cam_1, enc_img_1, jv_1 = self.transformer_1(img, cam_token, jv_tokens, pos_1, self.attention_mask)
         cam_2, _, jv_2 = self.transformer_2(self.dim_reduce_enc_img(enc_img_1), self.dim_reduce_enc_cam(cam_1),
                                             self.dim_reduce_dec(jv_1), pos_2, self.attention_mask)
 
         cam = self.cam_predictor(cam_2).reshape(B, 3)                         # (B, 1, 3) -> (B, 3)
-        xyz = self.xyz_regressor(jv_2)                                        # (B, J+V2, 3)
-        joints, v2 = xyz[:, :self.num_joints], xyz[:, self.num_joints:]
+        xyz = self.xyz_regressor(jv_2)                                        # (B, J+V, 3)
+        return cam, xyz[:, :self.num_joints], xyz[:, self.num_joints:]
+
+    def forward(self, images):
+        """images (B, 3, H, W) ImageNet-normalised (224x224 in the papers) -> `forward_head`'s dict."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.source_file}: images must be (B, 3, H, W), got {tuple(images.shape)}")
+        return self.forward_head(self.backbone(images))
+
+
+class FastMETRO(FastMETROCore):
+    """FastMETRO body network. See the file header for the architecture."""
+
+    def __init__(self, cfg: FastMETROConfig, backbone: nn.Module, topology: dict):
+        nv = check_topology(topology)
+        J = int(topology["joint_regressor"][0].shape[0])
+        V0, V1, V2 = nv[:3]
+        super().__init__(cfg, backbone, J, V2, topology["faces"][2])
+        self.num_vertices_levels = (V0, V1, V2)
+        self.coarse2intermediate_upsample = nn.Linear(V2, V1)
+        if cfg.use_learnable_upsample:
+            self.intermediate2fine_upsample = nn.Linear(V1, V0)
+        if cfg.use_smpl_param_regressor:
+            self.smpl_parameter_regressor = SMPLParamRegressor(V1)
+        register_mesh_buffers(self, topology)
+
+    # --------------------------------------------------------------------- forward
+    def forward_head(self, features):
+        """Everything after the backbone. features (B, C, h, w) backbone map.
+
+        Returns a dict:
+          "vertices" (B, V0, 3) full mesh, metres (model frame, not pelvis-centred);
+          "vertices_intermediate" (B, V1, 3); "vertices_coarse" (B, V2, 3);
+          "joints" (B, J, 3) from the joint tokens, metres; "cam" (B, 3) weak perspective (s, tx, ty);
+          with use_smpl_param_regressor also "rotmat" (B, 24, 3, 3) and "betas" (B, 10).
+        """
+        cam, joints, v2 = self.token_outputs(features)
         # learnable 431 -> 1723: (B, V2, 3) -> (B, 3, V2) -> (B, 3, V1) -> (B, V1, 3)
         v1 = self.coarse2intermediate_upsample(v2.transpose(1, 2)).transpose(1, 2)
         if self.cfg.use_learnable_upsample:
@@ -738,19 +772,6 @@ class FastMETRO(nn.Module):
         if self.cfg.use_smpl_param_regressor:
             out["rotmat"], out["betas"] = self.smpl_parameter_regressor(v1.detach())
         return out
-
-    def forward(self, images):
-        """images (B, 3, H, W) ImageNet-normalised (224x224 in the paper).
-
-        Returns a dict:
-          "vertices" (B, V0, 3) full mesh, metres (model frame, not pelvis-centred);
-          "vertices_intermediate" (B, V1, 3); "vertices_coarse" (B, V2, 3);
-          "joints" (B, J, 3) from the joint tokens, metres; "cam" (B, 3) weak perspective (s, tx, ty);
-          with use_smpl_param_regressor also "rotmat" (B, 24, 3, 3) and "betas" (B, 10).
-        """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"fastmetro.py: images must be (B, 3, H, W), got {tuple(images.shape)}")
-        return self.forward_head(self.backbone(images))
 
     # --------------------------------------------------------------------- loss
     def loss(self, out, targets):

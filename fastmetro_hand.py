@@ -5,10 +5,14 @@ with Transformers", ECCV 2022, https://arxiv.org/abs/2207.13820 (FreiHAND experi
 Official code: https://github.com/postech-ami/FastMETRO (`FastMETRO_Hand_Network`,
 `run_fastmetro_handmesh.py`; read for facts, no code copied).
 
+Needs fastmetro.py (the hand network is the body network without its learnable upsampling): it
+uses fastmetro's public FastMETROCore (token embeddings, both transformer stages, regressors, the
+decoder mask), the loss terms, check_targets, upsample_mesh and official_key_names; copy both files
+together. Only the hand-specific parts live here.
+
 What this file implements
-- `FastMETROHand(cfg, backbone, topology)`: the body network's two-stage encoder-decoder
-  (fastmetro.Transformer, fastmetro.PositionEmbeddingSine, same widths, layers and init) with
-  J = 21 joint tokens (FreiHAND order) + V1 = 195 coarse-vertex tokens; decoder self-attention mask:
+- `FastMETROHand(cfg, backbone, topology)`: fastmetro.FastMETROCore (the body network's two-stage
+  encoder-decoder, same widths, layers, init and module names) with J = 21 joint tokens (FreiHAND order) + V1 = 195 coarse-vertex tokens; decoder self-attention mask:
   joint rows see everything, vertex rows see all joints, themselves and their 1-ring neighbours in
   the 195 mesh (the official `mano_195_adjmat`, self loops included). `xyz_regressor` and
   `cam_predictor` as in the body network; the 195 -> 778 step is the FIXED GraphCMR upsampling
@@ -17,7 +21,7 @@ What this file implements
   wrist keypoint, predicted meshes on the wrist regressed from the predicted 778 mesh, token
   joints on token 0); 3D joints L1 * conf (token joints + joints regressed from the mesh),
   vertices 0.5 * L(195) + 0.5 * L(778), edge-length GT loss (weight 1.0, per-face edges as the
-  I2L-MeshNet form) + normal loss (0.1) on the 778 mesh with the MANO faces, 2D projections of
+  I2L-MeshNet form; fastmetro.edge_gt_loss on `face_edges`) + normal loss (0.1) on the 778 mesh with the MANO faces, 2D projections of
   both joint sets; total 1000 * L3Dj + 100 * Lvert + 100 * Ledge/normal + 100 * L2Dj.
 - Checkpoint layout = the official module names: `conv_1x1`, `cam_token_embed`,
   `joint_token_embed` (21), `vertex_token_embed` (195), `transformer_{1,2}.*`, `dim_reduce_*`,
@@ -39,8 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastmetro import (PositionEmbeddingSine, Transformer, keypoint_2d_loss, keypoint_3d_loss,
-                       mesh_adjacency, normal_loss, upsample_mesh, vertices_loss,
+from fastmetro import (PRESETS, FastMETROCore, check_targets, edge_gt_loss, keypoint_2d_loss, keypoint_3d_loss,
+                       normal_loss, official_key_names, upsample_mesh, vertices_loss,
                        weak_perspective_project)
 
 __all__ = ["FastMETROHandConfig", "HAND_PRESETS", "FastMETROHand", "build_fastmetro_hand",
@@ -58,6 +62,7 @@ class FastMETROHandConfig:
     feedforward_dim_2: int = 512
     nhead: int = 8
     dropout: float = 0.1
+    attention_impl: str = "sdpa"                  # fastmetro.MultiheadAttention path ("sdpa" | "math")
     conv_1x1_dim: int | None = None
     root_index: int = 0                           # FreiHAND wrist
     # run_fastmetro_handmesh.py defaults
@@ -71,17 +76,12 @@ class FastMETROHandConfig:
     normal_loss_weight: float = 0.1
 
 
-def _preset(layers, backbone, **kw):
-    return FastMETROHandConfig(backbone=backbone, num_layers=layers, **kw)
-
-
-HAND_PRESETS = {
-    "S-R50": _preset(1, "resnet50"), "M-R50": _preset(2, "resnet50"), "L-R50": _preset(3, "resnet50"),
-    "S-H64": _preset(1, "hrnet_w64"), "M-H64": _preset(2, "hrnet_w64"), "L-H64": _preset(3, "hrnet_w64"),
-    # CPU tests: small widths, one layer per stage, no dropout (ours)
-    "tiny": _preset(1, "resnet_tiny", model_dim_1=64, model_dim_2=32, feedforward_dim_1=128,
-                    feedforward_dim_2=64, nhead=4, dropout=0.0),
-}
+# The body presets' architectures (S/M/L x R50/H64, "tiny" for CPU tests) with the hand defaults:
+# same widths, layers, heads, dropout and backbone per preset name.
+_ARCHITECTURE = ("backbone", "input_size", "num_layers", "model_dim_1", "model_dim_2", "feedforward_dim_1",
+                 "feedforward_dim_2", "nhead", "dropout", "attention_impl", "conv_1x1_dim")
+HAND_PRESETS = {name: FastMETROHandConfig(**{k: getattr(cfg, k) for k in _ARCHITECTURE})
+                for name, cfg in PRESETS.items()}
 # run_fastmetro_handmesh.py: AdamW lr 1e-4 (backbone 1e-4), wd 1e-4, clip_max_norm 0.3,
 # 200 epochs, StepLR(lr_drop=200) (never fires), batch 16 per GPU.
 TRAIN_DEFAULTS = dict(lr=1e-4, weight_decay=1e-4, clip_grad_norm=0.3, clip_mode="norm", epochs=200,
@@ -95,21 +95,13 @@ def face_edges(faces):
     return torch.cat([f[:, [0, 1]], f[:, [0, 2]], f[:, [1, 2]]], 0)
 
 
-def edge_length_loss(pred, gt, edges, has_mesh):
-    """mean |len_pred - len_gt| over per-face edges (official +1e-8 inside the sqrt)."""
-    sel = has_mesh > 0.5
-    if not bool(sel.any()):
-        return pred.sum() * 0
-    p, g = pred[sel], gt[sel]
-    ln = lambda v: torch.sqrt(((v[:, edges[:, 0]] - v[:, edges[:, 1]]) ** 2).sum(-1, keepdim=True) + 1e-8)
-    return (ln(p) - ln(g)).abs().mean()
+class FastMETROHand(FastMETROCore):
+    """FastMETRO hand network (see header): fastmetro.FastMETROCore with 21 joint and 195 vertex
+    tokens, the fixed 195 -> 778 upsampling and the hand script's loss."""
 
-
-class FastMETROHand(nn.Module):
-    """FastMETRO hand network (see header)."""
+    source_file = "fastmetro_hand.py"
 
     def __init__(self, cfg: FastMETROHandConfig, backbone: nn.Module, topology: dict):
-        super().__init__()
         for k in ("num_vertices", "faces", "up_index", "up_weight", "down_index", "joint_regressor"):
             if k not in topology:
                 raise KeyError(f"fastmetro_hand.py: topology is missing {k!r}")
@@ -124,33 +116,9 @@ class FastMETROHand(nn.Module):
         if jr.dim() != 2 or jr.shape[1] != V0:
             raise ValueError(f"fastmetro_hand.py: topology['joint_regressor'][0] must be (J, {V0}), "
                              f"got {tuple(jr.shape)}")
-        self.cfg, self.backbone = cfg, backbone
-        J = int(jr.shape[0])
-        self.num_joints, self.num_vertices = J, V1
+        super().__init__(cfg, backbone, int(jr.shape[0]), V1, topology["faces"][1])
         self.num_vertices_levels = (V0, V1)
-        d1, d2, L = cfg.model_dim_1, cfg.model_dim_2, cfg.num_layers
-        c_in = cfg.conv_1x1_dim or getattr(backbone, "out_channels", None)
-        if c_in is None:
-            raise ValueError("fastmetro_hand.py: cfg.conv_1x1_dim is None and the backbone has no `out_channels`")
-        self.transformer_1 = Transformer(d1, cfg.nhead, L, L, cfg.feedforward_dim_1, cfg.dropout)
-        self.transformer_2 = Transformer(d2, cfg.nhead, L, L, cfg.feedforward_dim_2, cfg.dropout)
-        self.dim_reduce_enc_cam = nn.Linear(d1, d2)
-        self.dim_reduce_enc_img = nn.Linear(d1, d2)
-        self.dim_reduce_dec = nn.Linear(d1, d2)
-        self.cam_token_embed = nn.Embedding(1, d1)
-        self.joint_token_embed = nn.Embedding(J, d1)
-        self.vertex_token_embed = nn.Embedding(V1, d1)
-        self.position_encoding_1 = PositionEmbeddingSine(d1 // 2)
-        self.position_encoding_2 = PositionEmbeddingSine(d2 // 2)
-        self.xyz_regressor = nn.Linear(d2, 3)
-        self.cam_predictor = nn.Linear(d2, 3)
-        self.conv_1x1 = nn.Conv2d(c_in, d1, kernel_size=1)
-        # (J+V1, J+V1) True = blocked: joints see all; vertices see joints + 1-ring + self
-        adj = mesh_adjacency(topology["faces"][1], V1, self_loops=True)
-        mask = torch.zeros(J + V1, J + V1, dtype=torch.bool)
-        mask[J:, J:] = ~adj
         buf = lambda n, t: self.register_buffer(n, torch.as_tensor(t).clone(), persistent=False)
-        buf("attention_mask", mask)
         buf("up_index_0", topology["up_index"][0].long())
         buf("up_weight_0", topology["up_weight"][0].float())
         buf("down_index_0", topology["down_index"][0].long())
@@ -158,32 +126,11 @@ class FastMETROHand(nn.Module):
         buf("faces_0", torch.as_tensor(topology["faces"][0]).long())
         buf("edges_0", face_edges(topology["faces"][0]))
 
-    def forward(self, images):
-        """images (B, 3, H, W) ImageNet-normalised (224x224). Returns "vertices" (B, V0, 3) fine mesh,
-        "vertices_coarse" (B, V1, 3), "joints" (B, J, 3) from the joint tokens (metres, model
-        frame), "cam" (B, 3) weak perspective (s, tx, ty)."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"fastmetro_hand.py: images must be (B, 3, H, W), got {tuple(images.shape)}")
-        return self.forward_head(self.backbone(images))
-
     def forward_head(self, features):
-        """features (B, C, h, w) backbone map -> the forward dict."""
-        if features.dim() != 4 or features.shape[1] != self.conv_1x1.in_channels:
-            raise ValueError(f"fastmetro_hand.py: backbone output must be (B, {self.conv_1x1.in_channels}, h, w), "
-                             f"got {tuple(features.shape)}")
-        B, _, h, w = features.shape
-        img = self.conv_1x1(features).flatten(2).transpose(1, 2)             # (B, d1, h, w) -> (B, h*w, d1)
-        pos_1 = self.position_encoding_1(h, w, img.device, img.dtype)[None]  # (1, h*w, d1)
-        pos_2 = self.position_encoding_2(h, w, img.device, img.dtype)[None]  # (1, h*w, d2)
-        cam_token = self.cam_token_embed.weight[None].expand(B, -1, -1)      # (B, 1, d1)
-        jv = torch.cat([self.joint_token_embed.weight, self.vertex_token_embed.weight], 0)
-        jv = jv[None].expand(B, -1, -1)                                       # (J+V1, d1) -> (B, J+V1, d1)
-        cam_1, img_1, jv_1 = self.transformer_1(img, cam_token, jv, pos_1, self.attention_mask)
-        cam_2, _, jv_2 = self.transformer_2(self.dim_reduce_enc_img(img_1), self.dim_reduce_enc_cam(cam_1),
-                                            self.dim_reduce_dec(jv_1), pos_2, self.attention_mask)
-        cam = self.cam_predictor(cam_2).reshape(B, 3)                         # (B, 1, 3) -> (B, 3)
-        xyz = self.xyz_regressor(jv_2)                                        # (B, J+V1, 3)
-        joints, v1 = xyz[:, :self.num_joints], xyz[:, self.num_joints:]
+        """features (B, C, h, w) backbone map (forward: images (B, 3, H, W) ImageNet-normalised,
+        224x224). Returns "vertices" (B, V0, 3) fine mesh, "vertices_coarse" (B, V1, 3), "joints"
+        (B, J, 3) from the joint tokens (metres, model frame), "cam" (B, 3) weak perspective."""
+        cam, joints, v1 = self.token_outputs(features)
         v0 = upsample_mesh(v1, self.up_index_0, self.up_weight_0)             # fixed: (B, V1, 3) -> (B, V0, 3)
         return {"vertices": v0, "vertices_coarse": v1, "joints": joints, "cam": cam}
 
@@ -193,15 +140,7 @@ class FastMETROHand(nn.Module):
         "has_3d" (B,). Returns (scalar, logs dict of floats)."""
         cfg, r = self.cfg, self.cfg.root_index
         B = out["vertices"].shape[0]
-        V0 = self.num_vertices_levels[0]
-        shapes = {"joints3d": (B, self.num_joints, 4), "joints2d": (B, self.num_joints, 3),
-                  "vertices": (B, V0, 3), "has_smpl": (B,), "has_3d": (B,)}
-        for k, s in shapes.items():
-            if k not in targets:
-                raise KeyError(f"fastmetro_hand.py loss: targets is missing {k!r} (expected {s})")
-            if tuple(targets[k].shape) != s:
-                raise ValueError(f"fastmetro_hand.py loss: targets[{k!r}] must be {s}, got "
-                                 f"{tuple(targets[k].shape)}")
+        check_targets(targets, B, self.num_joints, self.num_vertices_levels[0], "fastmetro_hand.py loss")
         has_mesh, has_3d = targets["has_smpl"], targets["has_3d"]
         gt_v0 = targets["vertices"]
         gt_root = torch.einsum("v,bvc->bc", self.joint_regressor[r], gt_v0)[:, None]   # (B, 1, 3)
@@ -218,7 +157,7 @@ class FastMETROHand(nn.Module):
                  + keypoint_3d_loss(j_mesh, targets["joints3d"], has_3d, root2))
         l_vert = (cfg.vertices_coarse_loss_weight * vertices_loss(v1, gt_v1, has_mesh)
                   + cfg.vertices_fine_loss_weight * vertices_loss(v0, gt_v0, has_mesh))
-        l_en = (cfg.edge_gt_loss_weight * edge_length_loss(v0, gt_v0, self.edges_0, has_mesh)
+        l_en = (cfg.edge_gt_loss_weight * edge_gt_loss(v0, gt_v0, self.edges_0, has_mesh)
                 + cfg.normal_loss_weight * normal_loss(v0, gt_v0, self.faces_0, has_mesh))
         l_j2d = (keypoint_2d_loss(weak_perspective_project(j_tok, cam), targets["joints2d"])
                  + keypoint_2d_loss(weak_perspective_project(j_mesh, cam), targets["joints2d"]))
@@ -240,19 +179,9 @@ def build_fastmetro_hand(preset="L-H64", backbone=None, topology=None, **overrid
 
 
 def official_hand_key_names(num_layers):
-    """Non-backbone state-dict keys of the official FastMETRO_Hand_Network (S/M/L = 1/2/3)."""
-    attn = ["in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"]
-    wb = lambda m: [f"{m}.weight", f"{m}.bias"]
-    enc = [f"self_attn.{a}" for a in attn] + wb("linear1") + wb("linear2") + wb("norm1") + wb("norm2")
-    dec = enc + [f"multihead_attn.{a}" for a in attn] + wb("norm3")
-    keys = wb("conv_1x1") + ["cam_token_embed.weight", "joint_token_embed.weight", "vertex_token_embed.weight"]
-    for t in ("transformer_1", "transformer_2"):
-        for part, names in (("encoder", enc), ("decoder", dec)):
-            keys += [f"{t}.{part}.layers.{i}.{n}" for i in range(num_layers) for n in names]
-            keys += wb(f"{t}.{part}.norm")
-    for m in ("dim_reduce_enc_cam", "dim_reduce_enc_img", "dim_reduce_dec", "xyz_regressor", "cam_predictor"):
-        keys += wb(m)
-    return keys
+    """Non-backbone state-dict keys of the official FastMETRO_Hand_Network (S/M/L = 1/2/3): the
+    body network's without its learnable upsampling layer."""
+    return [k for k in official_key_names(num_layers) if not k.startswith("coarse2intermediate_upsample.")]
 
 
 if __name__ == "__main__":

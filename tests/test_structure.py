@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in sorted(ROOT.glob("*.py"))}
-MODEL_FILES = ("fastmetro", "tore", "deformer", "featup_hmr")
+MODEL_FILES = ("fastmetro", "tore", "deformer", "featup_hmr", "fastmetro_hand", "tore_hand")
 ATTENTION_FILES = ("sparse_attention", "deformable_attention")
 NO_ENVIRON = MODEL_FILES + ("featup",) + ATTENTION_FILES
 
@@ -157,6 +157,8 @@ def test_model_files_use_no_private_name_of_another_file(name):
 NEEDS = {
     "fastmetro": set(),
     "tore": {"fastmetro"},
+    "fastmetro_hand": {"fastmetro"},
+    "tore_hand": {"tore"},
     "deformer": {"deformable_attention", "sparse_attention"},
     "featup_hmr": {"deformable_attention", "featup"},
     "featup": set(),
