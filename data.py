@@ -875,7 +875,10 @@ class TsvDataset(HMRDataset):
             raise DataError(tsv.path, r, "img", f"cannot decode base64 image: {e}") from None
         return img
 
-    def _record(self, raw):
+    def label_row(self, raw, keys=TSV_LABEL_KEYS):
+        """(key, label dict, checker) of selected row `raw`: the label TSV row's JSON list, first
+        element, with every key of `keys` present; checker(key, shape) -> validated float array.
+        Errors (DataError) name the label TSV, its row and the key. Also used by freihand.py."""
         s, r = self.rows[raw]
         tsv = self.label_tsvs[s]
         row = tsv.row(r)
@@ -884,13 +887,19 @@ class TsvDataset(HMRDataset):
             ann = ann[0] if isinstance(ann, list) else ann
         except Exception as e:
             raise DataError(tsv.path, r, "label", f"cannot parse JSON label: {e}") from None
-        for k in TSV_LABEL_KEYS:
+        if not isinstance(ann, dict):
+            raise DataError(tsv.path, r, "label", f"expected a JSON object (or a list whose first element "
+                            f"is one), got {type(ann).__name__}")
+        for k in keys:
             if k not in ann:
                 raise DataError(tsv.path, r, k, f"missing key in label (found {sorted(ann)})")
-        f = lambda key, shape: _check(tsv.path, r, key, ann[key], shape)  # noqa: E731
+        return row[0], ann, lambda key, shape: _check(tsv.path, r, key, ann[key], shape)
+
+    def _record(self, raw):
+        key, ann, f = self.label_row(raw)
         has_2d, has_3d, has_smpl = (int(float(f(k, ()))) for k in ("has_2d_joints", "has_3d_joints", "has_smpl"))
         return {
-            "imgname": row[0], "center": f("center", (2,)), "scale": float(f("scale", ())),
+            "imgname": key, "center": f("center", (2,)), "scale": float(f("scale", ())),
             "part": f("2d_joints", (24, 3)), "has_2d": has_2d,
             "S": f("3d_joints", (24, 4)), "has_3d": has_3d,
             "pose": f("pose", (72,)), "betas": f("betas", (10,)), "has_smpl": float(has_smpl),

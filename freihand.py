@@ -28,6 +28,21 @@ What this file implements
   which equals eval.py's mean of per-keypoint means when all points are visible, as there) and
   the F-scores (aligned and not). `write_pred_json` / `read_pred_json`: the submission format
   `[xyz_list, verts_list]`.
+- `MetroFreiHANDTsv(yaml, hand_model)`: METRO's FreiHAND TSV export (microsoft/MeshTransformer
+  metro/datasets/hand_mesh_tsv.py, metro/tools/tsv_demo_freihand.py, docs/DOWNLOAD.md:
+  `freihand/{train,test}.yaml` naming `X.img.tsv` (key, base64 JPEG), `X.label.tsv` (key, JSON
+  list whose first element holds center (2,) px, scale (box side / 200 px; 0.9 around (112, 112)
+  in METRO's export), 2d_joints (21, 3) image pixels + conf, 3d_joints (21, 4) wrist-centred +
+  conf, pose (48) MANO axis-angle with the camera-frame global rotation first, betas (10),
+  has_2d_joints, has_3d_joints, has_smpl), `X.hw.tsv`, `X.linelist.tsv`), read with
+  data.TsvDataset's machinery (yaml / composite / .lineidx / linelist, DataError naming the
+  file, row and key; label shapes checked per row). As METRO's training, the GT mesh and 3D
+  keypoints are MANO(pose, betas) wrist-centred (needs `hand_model`, MANO_RIGHT.pkl for real
+  data; without one: the label's 3d_joints, no mesh); 3d_joints must be metres (a hand larger
+  than 1 m is refused: METRO's code never reads them, so their unit is not confirmed there).
+  METRO's evaluation rows carry dummy all-ones pose/betas with has_smpl 1: read as unlabelled.
+  Augmentation (train=True) as METRO's hand loader: rotation N(0, 90) deg (zero w.p. 0.6),
+  scale N(1, 0.25), pixel noise U[0.6, 1.4], no flip. Same sample dict as FreiHANDDataset.
 
 Departures
 - No open3d (not a dependency): nearest neighbours with scipy's cKDTree (same distances).
@@ -35,7 +50,8 @@ Departures
   32560, so tests can write a small set in the same layout.
 - `write_synthetic`: procedural hands rendered (render.py) into this layout (ours, for tests and
   the hand quickstart); uv_root / scale entries of the mano file are written as 0.
-- METRO's FreiHAND TSV export is not read here (data.py's TSV reader is body-specific); not done.
+- METRO's TSV: 2D keypoints go through the crop affine in continuous pixels (data.py's convention
+  for the body TSV; METRO adds SPIN's +1 and rounds); GT meshes need a hand model (see above).
 """
 from __future__ import annotations
 
@@ -45,6 +61,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
+
+import data
 
 VERSIONS = ["gs", "hom", "sample", "auto"]
 SPLITS = ["training", "evaluation"]
@@ -125,15 +143,13 @@ class FreiHANDDataset(torch.utils.data.Dataset):
     """FreiHAND samples for training/evaluation (see header for the dict layout)."""
 
     def __init__(self, root, split="training", versions=("gs",)):
-        import data as _data  # normalisation shared with the body datasets
-        self._data = _data
         self.root, self.split = Path(root), split
         self.ann = load_annotations(root, split)
         self.versions = list(versions)
         for v in self.versions:
             image_path(root, split, 0, v, self.ann["size"])  # validates the version names
-        self._mean = np.asarray(_data.IMAGENET_MEAN, np.float32)
-        self._std = np.asarray(_data.IMAGENET_STD, np.float32)
+        self._mean = np.asarray(data.IMAGENET_MEAN, np.float32)
+        self._std = np.asarray(data.IMAGENET_STD, np.float32)
 
     def __len__(self):
         return self.ann["size"] * len(self.versions)
@@ -158,7 +174,7 @@ class FreiHANDDataset(torch.utils.data.Dataset):
         K[0] *= IMAGE_SIZE / W                                     # intrinsics follow the resize
         K[1] *= IMAGE_SIZE / H
         xyz = self.ann["xyz"][idx]
-        uv = self._data.normalise_pixels(project(xyz, K), (IMAGE_SIZE, IMAGE_SIZE))
+        uv = data.normalise_pixels(project(xyz, K), (IMAGE_SIZE, IMAGE_SIZE))
         img = (img - self._mean) / self._std
         one = np.ones((21, 1))
         item = {"image": torch.from_numpy(img.transpose(2, 0, 1).copy()),   # (H, W, 3) -> (3, H, W)
@@ -176,6 +192,94 @@ class FreiHANDDataset(torch.utils.data.Dataset):
             item["vertices"] = torch.zeros(778, 3)
             item["has_smpl"] = torch.tensor(0.0)
         return item
+
+
+# ----------------------------------------------------------------------------------------------
+# METRO's FreiHAND TSV (metro/datasets/hand_mesh_tsv.py, metro/tools/tsv_demo_freihand.py)
+# ----------------------------------------------------------------------------------------------
+METRO_HAND_LABEL_KEYS = ("center", "scale", "2d_joints", "has_2d_joints", "3d_joints", "has_3d_joints",
+                         "pose", "betas", "has_smpl")
+# METRO hand augmentation (HandMeshTSVDataset.augm_params): rotation N(0, 90 deg) clipped to +-180
+# and zero w.p. 0.6, scale N(1, 0.25) clipped to [0.75, 1.25], pixel noise U[0.6, 1.4], never a flip
+METRO_HAND_AUGMENTATION = dict(rot_factor=90.0, scale_factor=0.25, noise_factor=0.4, flip_prob=0.0,
+                               rot_zero_prob=0.6)
+
+
+class MetroFreiHANDTsv(data.TsvDataset):
+    """METRO's FreiHAND TSV (`freihand/train.yaml`, `test.yaml`) through data.TsvDataset (yaml index,
+    .lineidx, linelist, composite, DataError naming file / row / key) as FreiHANDDataset dicts;
+    `hand_model` (hand.HandModel; MANO_RIGHT.pkl for real data) builds the GT meshes (see header)."""
+
+    def __init__(self, yaml_path, hand_model=None, train=False, input_size=IMAGE_SIZE, seed=0,
+                 skip_bad=False, **augmentation):
+        aug = dict(METRO_HAND_AUGMENTATION, **augmentation)
+        if aug["flip_prob"]:
+            raise ValueError("MetroFreiHANDTsv: flip_prob must be 0 (a flipped right hand is a left "
+                             "hand; METRO's hand loader never flips)")
+        self.hand_model = hand_model
+        super().__init__(yaml_path, train=train, input_size=(int(input_size), int(input_size)),
+                         seed=seed, skip_bad=skip_bad, **aug)
+
+    def _record(self, raw):
+        key, ann, f = self.label_row(raw, METRO_HAND_LABEL_KEYS)
+        s, r = self.rows[raw]
+        has = {k: int(float(f(k, ()))) for k in ("has_2d_joints", "has_3d_joints", "has_smpl")}
+        pose, betas = f("pose", (48,)), f("betas", (10,))
+        if has["has_smpl"] and np.all(pose == 1) and np.all(betas == 1):
+            has["has_smpl"] = 0   # tsv_demo_freihand.py's evaluation rows: dummy all-ones MANO, no GT
+        j3d = f("3d_joints", (21, 4))
+        if has["has_3d_joints"]:
+            rel = j3d[:, :3] - j3d[:1, :3]
+            if np.abs(rel).max() > 1.0:
+                raise data.DataError(self.label_tsvs[s].path, r, "3d_joints",
+                                      f"wrist-relative keypoints up to {np.abs(rel).max():.3g}: not a hand in "
+                                      "metres (millimetres?); expected metres, as FreiHAND's")
+        return {"imgname": key, "center": f("center", (2,)), "scale": float(f("scale", ())),
+                "part": f("2d_joints", (21, 3)), "has_2d": has["has_2d_joints"], "S": j3d,
+                "has_3d": has["has_3d_joints"], "pose": pose, "betas": betas,
+                "has_smpl": float(has["has_smpl"]), "gender": 0}
+
+    def process(self, img, rec, raw, flip=0, pn=(1.0, 1.0, 1.0), rot=0.0, sc=1.0):
+        """One sample: crop (METRO's centre/scale box; the official crop without augmentation)
+        and the FreiHANDDataset dict (see the file header)."""
+        H = self.input_size[0]
+        scale = rec["scale"] * sc
+        try:
+            if not self.train and rot == 0 and sc == 1:
+                crop, A = data.official_crop(img, rec["center"], scale, H)
+            else:
+                A = data.crop_matrix(rec["center"], scale * 200.0, rot, (H, H))
+                crop = data.warp_image(img, A, (H, H))
+        except Exception as e:
+            raise data.DataError(self.source, raw, "img", f"cannot decode image: {e}") from None
+        x = np.minimum(crop.astype(np.float32) * (np.asarray(pn, np.float32) / 255.0), 1.0)  # (H, W, 3)
+        x = (x - self._mean) / self._std
+        j2d = np.zeros((21, 3))
+        if rec["has_2d"]:
+            j2d[:, :2] = data.normalise_pixels(data.transform_points(rec["part"][:, :2], A), (H, H))
+            j2d[:, 2] = rec["part"][:, 2]
+        pose = data.rotate_global_orient(rec["pose"], rot) if rec["has_smpl"] else rec["pose"].copy()
+        verts, has_smpl = torch.zeros(778, 3), 0.0
+        j3d, has_3d = np.zeros((21, 4)), float(rec["has_3d"])
+        if rec["has_smpl"] and self.hand_model is not None:
+            # METRO's training: GT mesh and 3D keypoints from MANO(pose, betas), wrist-centred
+            with torch.no_grad():
+                o = self.hand_model(torch.tensor(rec["betas"])[None], torch.tensor(pose)[None])
+            root = o["joints"][0, :1]
+            verts, has_smpl = (o["vertices"][0] - root).float(), 1.0
+            j3d = np.concatenate([(o["joints"][0] - root).double().numpy(), np.ones((21, 1))], 1)
+            has_3d = 1.0
+        elif rec["has_3d"]:
+            j3d = rec["S"].copy()
+            j3d[:, :3] -= j3d[:1, :3]                                  # wrist-centred, as METRO's loader
+            j3d = data.rotate_joints3d(j3d, rot)
+        f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+        return {"image": torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),   # (H, W, 3) -> (3, H, W)
+                "joints3d": f32(j3d), "joints2d": f32(j2d), "vertices": verts,
+                "pose": f32(pose), "betas": f32(rec["betas"]), "has_smpl": f32(has_smpl),
+                "has_3d": f32(has_3d), "has_2d": f32(float(rec["has_2d"])), "index": raw,
+                "imgname": rec["imgname"], "center": f32(rec["center"]), "scale": f32(scale),
+                "rot": f32(rot)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,12 +372,55 @@ def read_pred_json(path, size=None):
 # ----------------------------------------------------------------------------------------------
 # Synthetic hands in FreiHAND's layout
 # ----------------------------------------------------------------------------------------------
-def write_synthetic(root, n_train=64, n_eval=16, seed=0, model_path=None, focal=500.0):
+def hand_pose_axes(hm):
+    """Rest-pose flexion and abduction axes of MANO's 15 finger joints, from the model's geometry
+    (so the toy hand and MANO_RIGHT.pkl alike): palm normal n = (index1 - wrist) x (pinky1 - wrist)
+    (towards the palm for a right hand); joint k's flexion axis = d_k x n, d_k its bone direction
+    (towards its child joint or fingertip), so a positive angle bends the bone towards the palm;
+    abduction axis n. Returns (flexion (15, 3), palm normal (3,)) unit vectors (rest frame)."""
+    import hand as _hand
+    v = hm.v_template.double()
+    J = hm.mano.J_regressor.double() @ v                                # (16, 3) rest joints
+    tip_of_chain_end = {3: 317, 6: 445, 9: 673, 12: 556, 15: 745}       # MANO_TIP_VERTEX_IDS per chain
+    child = {p: k for k, p in enumerate(_hand.MANO_PARENTS) if p > 0}
+    unit = lambda x: x / x.norm()
+    n = unit(torch.cross(J[1] - J[0], J[7] - J[0], dim=0))
+    flex = []
+    for k in range(1, 16):
+        end = J[child[k]] if k in child else v[tip_of_chain_end[k]]
+        flex.append(unit(torch.cross(unit(end - J[k]), n, dim=0)))
+    return torch.stack(flex).float(), n.float()
+
+
+def sample_hand_poses(hm, n, generator):
+    """(n, 48) plausible articulations (ours; no reference): per finger a curl c ~ U(-0.1, 1)
+    bending its 3 joints by c * (1.2, 1.5, 1.0) rad (thumb c * (0.5, 0.6, 0.9)) + N(0, 0.08)
+    each, abduction N(0, 0.15) rad at the first joint of each finger (thumb N(0, 0.3)), no twist;
+    global orientation 0 (set by the caller). Fists, grasps, open and spread hands."""
+    flex, normal = hand_pose_axes(hm)
+    g = generator
+    curl = torch.rand(n, 5, generator=g) * 1.1 - 0.1                    # index, middle, pinky, ring, thumb
+    gains = torch.tensor([[1.2, 1.5, 1.0]] * 4 + [[0.5, 0.6, 0.9]])      # (5 chains, 3 joints)
+    angle = (curl[:, :, None] * gains).reshape(n, 15) + 0.08 * torch.randn(n, 15, generator=g)
+    abd = torch.zeros(n, 15)
+    abd[:, [0, 3, 6, 9]] = 0.15 * torch.randn(n, 4, generator=g)
+    abd[:, 12] = 0.3 * torch.randn(n, generator=g)
+    aa = angle[..., None] * flex + abd[..., None] * normal              # (n, 15, 3) axis-angle
+    return torch.cat([torch.zeros(n, 3), aa.reshape(n, 45)], 1)
+
+
+def write_synthetic(root, n_train=64, n_eval=16, seed=0, model_path=None, focal=500.0, poses="plausible",
+                    rotation_std=0.5):
     """Render procedural hands (hand.HandModel, toy hand unless `model_path`) with render.py into
     FreiHAND's layout under `root`: <split>_{xyz,K,mano,verts}.json and <split>/rgb/%08d.jpg
     (224x224; training only in the "gs" version). Random global rotation (palm roughly facing
-    the camera), finger articulation N(0, 0.25) rad, shape N(0, 1), hand 0.45-0.6 m away, random
-    skin tone and background colour. Deterministic for a seed. Returns root."""
+    the camera: pi/2 about x plus N(0, rotation_std) rad on each axis-angle component), finger
+    articulation `poses`: "plausible" (`sample_hand_poses`: finger curls and
+    spreads) or "gaussian" (N(0, 0.25) rad on all 45 finger axes, twists included), shape
+    N(0, 1), hand 0.45-0.6 m away, random skin tone and background colour. Deterministic for a
+    seed. Returns root."""
+    if poses not in ("plausible", "gaussian"):
+        raise ValueError(f"write_synthetic: poses must be 'plausible' or 'gaussian', got {poses!r}")
     import hand as _hand
     import render as _render
     from PIL import Image
@@ -283,8 +430,9 @@ def write_synthetic(root, n_train=64, n_eval=16, seed=0, model_path=None, focal=
     faces = hm.faces.long()
     for split, n in (("training", n_train), ("evaluation", n_eval)):
         (root / split / "rgb").mkdir(parents=True, exist_ok=True)
-        pose = torch.randn(n, 48, generator=g) * 0.25
-        pose[:, :3] = torch.randn(n, 3, generator=g) * 0.5 + torch.tensor([np.pi / 2, 0.0, 0.0])
+        pose = (torch.randn(n, 48, generator=g) * 0.25 if poses == "gaussian"
+                else sample_hand_poses(hm, n, g))
+        pose[:, :3] = torch.randn(n, 3, generator=g) * rotation_std + torch.tensor([np.pi / 2, 0.0, 0.0])
         betas = torch.randn(n, 10, generator=g)
         with torch.no_grad():
             o = hm(betas, pose)
