@@ -12,8 +12,8 @@ python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -r requirements.txt
 export HMR_CACHE="${HMR_CACHE:-$PWD/.cache}"
 if [ "${BODY:-}" = hand ]; then  # hand mesh recovery instead: synthetic FreiHAND-layout hands (hand_quickstart.py)
-    exec python3 hand_quickstart.py --model "${MODEL:-fastmetro}" --steps "${STEPS:-400}" --max-minutes "${MINUTES:-10}" \
-        --n-train "${N_TRAIN:-256}" --n-eval "${N_TEST:-64}" --out "${OUT:-runs/quickstart-hand-${MODEL:-fastmetro}}"
+    exec python3 hand_quickstart.py --model "${MODEL:-fastmetro}" --steps "${STEPS:-1500}" --max-minutes "${MINUTES:-15}" \
+        --n-train "${N_TRAIN:-1024}" --n-eval "${N_TEST:-128}" --out "${OUT:-runs/quickstart-hand-${MODEL:-fastmetro}}"
 fi
 MODEL="${MODEL:-fastmetro}"
 BODY="${BODY:-anny}"
