@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastmetro as fm
 import fastmetro_hand as fh
 import hand
 
@@ -27,6 +28,9 @@ def test_official_key_layout_loads_strictly(topo, layers):
     assert own == set(fh.official_hand_key_names(layers))
     assert m.joint_token_embed.weight.shape[0] == 21 and m.vertex_token_embed.weight.shape[0] == 195
     assert not hasattr(m, "coarse2intermediate_upsample")
+    # the shared part is the body network's (fastmetro.FastMETROCore), with the body preset's sizes
+    assert isinstance(m, fm.FastMETROCore) and m.transformer_1.encoder.layers[0].linear1.out_features == \
+        fm.PRESETS["tiny"].feedforward_dim_1
     # an "official" state dict (same names, other values) loads strictly and changes the output
     other = fh.build_fastmetro_hand("tiny", _backbone(), topo, num_layers=layers)
     sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in other.state_dict().items()}
