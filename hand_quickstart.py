@@ -172,11 +172,14 @@ def main(argv=None):
     reg = model.joint_regressor
     px, pv = predict(model, torch.utils.data.DataLoader(test, batch_size=a.batch_size), reg)
     gx, gv = test.ann["xyz"], test.ann["verts"]
+    # Both sides wrist-centred (the predictions carry no camera translation), so the unaligned
+    # figures (mpjpe_mm, mpvpe_mm, f@*_unaligned) are root-relative; the PA figures do not change.
+    gx, gv = gx - gx[:, :1], gv - gx[:, :1]
     m = fr.evaluate(gx, px, gv, pv)
     # baseline: training mean of wrist-centred GT keypoints / meshes, same prediction for every image
     tx, tv = train.ann["xyz"], train.ann["verts"]
     mx = (tx - tx[:, :1]).mean(0)
-    mv = (tv - tx[:, :1]).mean(0)
+    mv = (tv - tx[:, :1]).mean(0)                                      # gx, gv: wrist-centred above
     base = fr.evaluate(gx, np.repeat(mx[None], len(gx), 0), gv, np.repeat(mv[None], len(gx), 0))
     fr.write_pred_json(out / "pred.json", px, pv)
     tmp = out / "model.pt.tmp"

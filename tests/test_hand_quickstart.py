@@ -40,6 +40,9 @@ def test_hand_quickstart_end_to_end(synth, tmp_path, capsys):
     args = ["--data", str(synth), "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2"]
     res = hand_quickstart.main(args)
     assert res["steps"] == 2 and np.isfinite(res["metrics"]["pa_mpjpe_mm"])
+    # root-relative (wrist-centred GT), not camera coordinates (~0.5 m away): bounded by the hand's size
+    m = res["metrics"]
+    assert m["pa_mpjpe_mm"] <= m["mpjpe_mm"] < 250 and m["mpvpe_mm"] < 250
     xyz, verts = fr.read_pred_json(tmp_path / "run" / "pred.json", size=1)
     assert verts.shape == (1, 778, 3) and np.allclose(xyz[:, 0], 0)           # wrist-centred
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["n_eval"] == 1
