@@ -46,7 +46,10 @@ Camera: the weak-perspective (s, tx, ty) of a crop becomes a perspective transla
 focal length of --focal pixels (at a crop side min(H, W) of 224), which reproduces the weak projection up
 to perspective effects. In the full image the same camera has focal * (source pixels per crop
 pixel) and its principal point at the crop centre: a pure scale + shift of the crop's pixels, so
-the mesh lands exactly where it was drawn on the crop.
+the mesh lands exactly where it was drawn on the crop. FastMETRO's camera projects the mesh minus
+its regressed pelvis (its 2D loss does; its vertices carry an arbitrary offset), so its meshes are
+drawn and written in that frame (`FastMETRO.camera_frame`); the other models' cameras project
+their raw vertices, as their losses do.
 """
 import argparse
 import sys
@@ -234,7 +237,10 @@ def run(args):
             patch, crop_info = photo.crop(image, cx, cy, side, (in_h, in_w))
             with torch.no_grad():
                 pred = model(photo.to_tensor(patch)[None].to(device))
-            verts = pred["vertices"][0].float().cpu()                         # (V, 3) metres
+            verts = pred["vertices"]
+            if hasattr(model, "camera_frame"):      # FastMETRO: its camera projects pelvis-centred meshes
+                verts = model.camera_frame(verts)
+            verts = verts[0].float().cpu()                                    # (V, 3) metres
             cam = pred["cam"][0].float().cpu()                                # (3,) s, tx, ty
             # Weak perspective on the crop -> a perspective translation for the renderer.
             transl = render.weak_perspective_to_camera(cam[None], (in_h, in_w), focal)[0]

@@ -774,6 +774,12 @@ class FastMETRO(FastMETROCore):
         return out
 
     # --------------------------------------------------------------------- loss
+    def camera_frame(self, vertices):
+        """The frame the predicted camera projects: vertices (B, V, 3) metres minus the mesh's
+        regressed H36M pelvis, as the 2D joint loss projects them (the loss is translation-free, so
+        the raw vertices carry an arbitrary offset). Demo overlays must draw these."""
+        return vertices - torch.einsum("v,bvc->bc", self.pelvis_regressor, vertices)[:, None]
+
     def loss(self, out, targets):
         """Official FastMETRO training loss.
 

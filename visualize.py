@@ -637,7 +637,8 @@ def cmd_mesh(args):
     patch, x = input_crop(args, model)
     with torch.no_grad():
         out = model(x)
-    v = out["vertices"][0].float().cpu().numpy()
+    v = out["vertices"]
+    v = (model.camera_frame(v) if hasattr(model, "camera_frame") else v)[0].float().cpu().numpy()
     faces = body_model.faces.cpu().numpy()
     cam = out["cam"][0].float().cpu().numpy()
     size = args.view_size or patch.shape[0]

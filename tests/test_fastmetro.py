@@ -447,3 +447,19 @@ def test_convert_official_keys_with_backbones_resnet(icosphere_topology):
     official["module.backbone.fc.weight"] = torch.zeros(10, model.backbone.out_channels)  # unused head
     assert "module.backbone.4.0.conv1.weight" in official
     model.load_state_dict(fm.convert_official_state_dict(official, model), strict=True)
+
+
+def test_camera_frame_is_the_2d_loss_frame(icosphere_topology):
+    """The predicted camera projects pelvis-centred meshes (the 2D loss does): camera_frame removes
+    any offset of the raw vertices, and projecting its joints gives the mesh-joint 2D loss's input."""
+    topo = icosphere_topology
+    model = fm.FastMETRO(_cfg(), fm._StandInBackbone(64), topo).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 224, 224))
+    v = out["vertices"]
+    shifted = v + torch.tensor([0.3, -0.2, 0.5])
+    torch.testing.assert_close(model.camera_frame(shifted), model.camera_frame(v), atol=1e-6, rtol=0)
+    assert (fm.weak_perspective_project(shifted, out["cam"]) - fm.weak_perspective_project(v, out["cam"])).abs().max() > 1e-3
+    # the frame's origin is the regressed pelvis, the point the loss centres the mesh joints on
+    pelvis = torch.einsum("v,bvc->bc", model.pelvis_regressor, model.camera_frame(shifted))
+    assert pelvis.abs().max() < 1e-6
