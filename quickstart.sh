@@ -18,7 +18,7 @@ fi
 MODEL="${MODEL:-fastmetro}"
 BODY="${BODY:-anny}"
 STEPS="${STEPS:-3200}"
-MINUTES="${MINUTES:-13}"
+MINUTES="${MINUTES:-12}"
 N_TRAIN="${N_TRAIN:-5000}"
 N_TEST="${N_TEST:-300}"
 SIZE="${SIZE:-128}"
