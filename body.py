@@ -829,6 +829,26 @@ def resolve_body_path(model_path):
     return path
 
 
+def carry_through_hierarchy(h, lbs_weights, regressor):
+    """Skinning weights and a joint regressor of the full mesh carried to every coarser level of a
+    mesh hierarchy `h` (down_index / up_index / up_weight per level). Skinning weights follow the
+    kept vertices; the regressor is composed with the up maps, R_{l+1} = R_l @ U_l with
+    U_l[i, idx[i, k]] += w[i, k] (exact, no dense U), so a coarse mesh upsampled to the full one
+    regresses the same joints. Returns (skin list of float32 (V_l, J'), regressor list float64 (J, V_l))."""
+    i64 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.long)  # noqa: E731
+    skin = [lbs_weights.detach().cpu().float()]
+    regs = [regressor.detach().cpu().double()]
+    for l in range(len(h.vertices) - 1):
+        skin.append(skin[-1][i64(h.down_index[l])])
+        idx = i64(h.up_index[l])
+        w = torch.as_tensor(np.asarray(h.up_weight[l]), dtype=torch.float64)
+        r = regs[-1]
+        nxt = torch.zeros(r.shape[0], len(h.vertices[l + 1]), dtype=torch.float64)
+        nxt.index_add_(1, idx.reshape(-1), (r[:, :, None] * w[None]).reshape(r.shape[0], -1))
+        regs.append(nxt)
+    return skin, regs
+
+
 # ----------------------------------------------------------------------------------------------
 # Rotations
 # ----------------------------------------------------------------------------------------------
@@ -1082,18 +1102,7 @@ class BodyModel(nn.Module):
             reg0, j2s = self.J_regressor_h36m, H36M_TO_SMPL
         else:
             reg0, j2s = self.J_regressor, list(range(24))
-        nl = len(h.vertices)
-        skin = [self.lbs_weights.detach().cpu().float()]
-        regs = [reg0.detach().cpu().double()]
-        for l in range(nl - 1):
-            skin.append(skin[-1][i64(h.down_index[l])])
-            idx, w = i64(h.up_index[l]), torch.as_tensor(np.asarray(h.up_weight[l]),
-                                                         dtype=torch.float64)
-            # R_{l+1} = R_l @ U_l with U_l[i, idx[i,k]] += w[i,k]  (exact, no dense U)
-            r = regs[-1]
-            nxt = torch.zeros(r.shape[0], len(h.vertices[l + 1]), dtype=torch.float64)
-            nxt.index_add_(1, idx.reshape(-1), (r[:, :, None] * w[None]).reshape(r.shape[0], -1))
-            regs.append(nxt)
+        skin, regs = carry_through_hierarchy(h, self.lbs_weights, reg0)
         topo = {
             "num_vertices": [int(len(x)) for x in h.vertices],
             "faces": [i64(x) for x in h.faces],

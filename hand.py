@@ -444,16 +444,7 @@ class HandModel(nn.Module):
         h = hierarchy
         f32 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
         i64 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.long)
-        skin = [self.mano.lbs_weights.detach().cpu().float()]
-        regs = [self.keypoint_regressor.detach().cpu().double()]
-        for l in range(len(h.vertices) - 1):
-            skin.append(skin[-1][i64(h.down_index[l])])
-            idx = i64(h.up_index[l])
-            w = torch.as_tensor(np.asarray(h.up_weight[l]), dtype=torch.float64)
-            r = regs[-1]
-            nxt = torch.zeros(r.shape[0], len(h.vertices[l + 1]), dtype=torch.float64)
-            nxt.index_add_(1, idx.reshape(-1), (r[:, :, None] * w[None]).reshape(r.shape[0], -1))
-            regs.append(nxt)
+        skin, regs = body.carry_through_hierarchy(h, self.mano.lbs_weights, self.keypoint_regressor)
         topo = {
             "num_vertices": [int(len(x)) for x in h.vertices],
             "faces": [i64(x) for x in h.faces],
