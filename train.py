@@ -187,7 +187,7 @@ def trim_log(path, step):
 # Settings whose change breaks an exact resume (data order, augmentation, model, optimiser,
 # schedule); --resume refuses a change unless --allow-config-change names it.
 RESUME_KEYS = ("model", "preset", "set", "train", "body", "h36m_regressor", "pretrained_backbone",
-               "batch_size", "accum", "lr", "weight_decay", "clip", "warmup_steps", "total_steps",
+               "batch_size", "accum", "lr", "weight_decay", "clip", "warmup_steps", "lr_drop_at", "total_steps",
                "seed", "world_size", "amp", "skip_bad", "flip_prob", "rot_factor", "scale_factor",
                "noise_factor")
 
@@ -442,6 +442,19 @@ def all_finite(value, world):
 
 
 # ----------------------------------------------------------------------------- training
+def parse_fractions(text, option):
+    """"0.6,0.9" -> [0.6, 0.9]; each in (0, 1), else a ValueError naming the option."""
+    try:
+        fractions = [float(f) for f in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated fractions of training such as 0.8, "
+                         f"got {text!r}") from None
+    bad = [f for f in fractions if not 0 < f < 1]
+    if bad:
+        raise ValueError(f"{option}: every fraction must lie in (0, 1), got {bad} in {text!r}")
+    return fractions
+
+
 def lr_lambda_factory(drop_steps, gamma=0.1):
     def f(step):
         return gamma ** sum(step >= s for s in drop_steps)
@@ -498,6 +511,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop (and save) after this time")
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--lr-drop-at", default=None, metavar="FRACTION[,FRACTION]",
+                   help="multiply the lr by 0.1 at these fractions of the training steps (replaces "
+                        "the paper's drop epochs), e.g. 0.8")
     p.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
                    help="bf16 autocast (auto: on for CUDA)")
     p.add_argument("--flip-prob", type=float, default=0.5, help="augmentation (FastMETRO defaults)")
@@ -593,6 +609,8 @@ def train(args, status=None):
     if args.steps and defaults.get("lr_drop_epochs") and args.epochs is None:
         # With an explicit step budget, put the drops at the same fraction of training.
         drop_steps = [int(total_steps * e / defaults.get("epochs", 60)) for e in defaults["lr_drop_epochs"]]
+    if args.lr_drop_at:
+        drop_steps = [int(total_steps * f) for f in parse_fractions(args.lr_drop_at, "--lr-drop-at")]
 
     if is_main:
         print(f"batch: {batch_size} per GPU x world size {world} x accum {args.accum} = global batch "
@@ -764,6 +782,7 @@ def train(args, status=None):
                     torch.nn.utils.clip_grad_value_(params, clip)
                 else:
                     torch.nn.utils.clip_grad_norm_(params, clip)
+            step_lr = optimizer.param_groups[0]["lr"]      # the lr this step used (logged)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -773,7 +792,7 @@ def train(args, status=None):
                 rate = imgs_since / max(now - t_last, 1e-9)
                 t_last, imgs_since = now, 0
                 rec = {"step": step, "epoch": epoch, "loss": loss_value,
-                       "lr": scheduler.get_last_lr()[0], "img_per_s": rate,
+                       "lr": step_lr, "img_per_s": rate,
                        **{k: float(v) for k, v in logs.items()}}
                 log_file.write(json.dumps(rec) + "\n")
                 log_file.flush()

@@ -228,6 +228,41 @@ def test_rotation_is_consistent_between_3d_joints_and_global_orientation():
     np.testing.assert_allclose(j[:, :3] @ M.T, jr[:, :3], atol=1e-9)
 
 
+@pytest.mark.parametrize("poses", sorted(data.POSE_DISTRIBUTIONS))
+def test_pose_distributions_stay_within_limits_and_are_mirror_symmetric(poses):
+    ang = data.POSE_DISTRIBUTIONS[poses](np.random.default_rng(0), 4000)
+    lo, hi = data._limits()
+    assert ang.shape == (4000, 23, 3) and (ang >= lo - 1e-12).all() and (ang <= hi + 1e-12).all()
+    # sample_pose turns the same draws (same generator state) into the body's joint rotations.
+    from scipy.spatial.transform import Rotation
+    pose = data.sample_pose(np.random.default_rng(1), 200, poses=poses).reshape(200, 24, 3)
+    a = data.POSE_DISTRIBUTIONS[poses](np.random.default_rng(1), 200).reshape(-1, 3)
+    want = Rotation.from_euler("xyz", a).as_matrix()                # extrinsic x, then y, then z
+    np.testing.assert_allclose(Rotation.from_rotvec(pose[:, 1:].reshape(-1, 3)).as_matrix(), want, atol=1e-9)
+    # Left and right limbs are drawn alike: mirroring (x, -y, -z) gives the same statistics.
+    for left, right in ((0, 1), (3, 4), (15, 16), (17, 18)):
+        mirrored = ang[:, right] * np.array([1, -1, -1])
+        np.testing.assert_allclose(ang[:, left].mean(0), mirrored.mean(0), atol=0.04)
+        np.testing.assert_allclose(ang[:, left].std(0), mirrored.std(0), atol=0.04)
+
+
+def test_natural_poses_are_everyday_activities():
+    rng = np.random.default_rng(0)
+    nat, uni = data.natural_body_angles(rng, 4000), data.uniform_body_angles(rng, 4000)
+    # Arms mostly down (left shoulder z < -0.3: lowered from the T-pose) but raised in reaching.
+    assert 0.6 < (nat[:, 15, 2] < -0.3).mean() < 0.95 and (nat[:, 15, 2] > 0.3).mean() > 0.02
+    # Walking: thighs swing against each other; sitting: both thighs up together.
+    hips = nat[:, [0, 1], 0]
+    assert np.corrcoef(hips.T)[0, 1] > 0.2          # sitting dominates: both up together ...
+    walking = (np.abs(hips[:, 0] - hips[:, 1]) > 0.6).mean()
+    assert walking > 0.1                             # ... and a share of strides
+    assert np.corrcoef(uni[:, [0, 1], 0].T)[0, 1] < 0.25   # uniform: only the shared activity scale
+    # The shares of ACTIVITIES sum to one; an unknown distribution is refused by name.
+    assert abs(sum(data.ACTIVITIES.values()) - 1) < 1e-12
+    with pytest.raises(ValueError, match="poses must be one of"):
+        data.sample_pose(rng, 2, poses="yoga")
+
+
 # ----------------------------------------------------------------------------- sampler / loader
 def test_weighted_mixed_sampler_weights_ranks_and_epochs(tmp_path):
     sizes = [10, 30]

@@ -50,6 +50,16 @@ def test_every_model_trains_two_steps(synth, tmp_path, model):
     assert ck["step"] == 2 and ck["config"]["model"] == model
 
 
+def test_lr_drop_at_fractions_of_training(synth, tmp_path):
+    run_train(synth, tmp_path, "--lr", "1e-3", "--lr-drop-at", "0.5", steps=4)
+    recs = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs if "loss" in r]
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    for bad, why in (("0.5,x", "comma-separated fractions"), ("1.2", "must lie in")):
+        with pytest.raises(ValueError, match=f"--lr-drop-at: .*{why}"):
+            run_train(synth, tmp_path / bad, "--lr-drop-at", bad)
+
+
 def test_resume_reproduces_uninterrupted_run(synth, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     # 16 samples at batch 4: 4 steps per epoch, so the resumed part crosses an epoch boundary.
