@@ -17,9 +17,9 @@ if [ "${BODY:-}" = hand ]; then  # hand mesh recovery instead: synthetic FreiHAN
 fi
 MODEL="${MODEL:-fastmetro}"
 BODY="${BODY:-anny}"
-STEPS="${STEPS:-3200}"
-MINUTES="${MINUTES:-12}"
-N_TRAIN="${N_TRAIN:-5000}"
+STEPS="${STEPS:-2800}"
+MINUTES="${MINUTES:-11.5}"
+N_TRAIN="${N_TRAIN:-12000}"
 N_TEST="${N_TEST:-300}"
 SIZE="${SIZE:-128}"
 OUT="${OUT:-runs/quickstart-$MODEL}"
@@ -31,7 +31,7 @@ python3 -c "import body; print('body:', body.resolve_body_path('$BODY'))"   # un
 # The synthetic people carry no left/right colour code, so FastMETRO's flip augmentation stays on.
 python3 train.py --model "$MODEL" --preset tiny --body "$BODY" --set "input_size=($SIZE,$SIZE)" \
     --train "$DATA/train.npz" --val "$DATA/test.npz" --out "$OUT" --steps "$STEPS" --max-minutes "$MINUTES" \
-    --batch-size 16 --lr 1e-3 --workers 1 --rot-factor 0 --eval-every 0 --ckpt-every 500 --no-progress
+    --batch-size 16 --lr 1e-3 --workers 0 --rot-factor 0 --eval-every 0 --ckpt-every 500 --no-progress
 python3 - "$OUT/log.jsonl" "$STEPS" <<'EOF'
 import json, sys
 steps = [json.loads(l).get("step", 0) for l in open(sys.argv[1]) if l.strip()]
