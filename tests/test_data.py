@@ -81,9 +81,11 @@ def test_generator_output_reads_back_exactly(synth):
         j2 = np.stack([(p[:, 0] - x0) / (x1 - x0), (p[:, 1] - y0) / (y1 - y0)], 1) * 2 - 1
         np.testing.assert_allclose(s["joints2d"][:, :2].numpy(), j2, atol=1e-5)
         assert s["has_smpl"] == 1 and s["has_3d"] == 1 and s["has_2d"] == 1 and s["gender"] == 0
-    # The JPEG is the rendered image up to compression.
+    # The JPEG is the rendered image up to compression (64 px images with fine background
+    # patterns lose ~10 grey levels on average), far closer to it than to the next image.
     img = np.asarray(Image.open(out / z["imgname"][0])).astype(float)
-    assert np.abs(img - ref["images"][0]).mean() < 12
+    same, other = np.abs(img - ref["images"][0]).mean(), np.abs(img - ref["images"][1]).mean()
+    assert same < 15 and same < other / 3, (same, other)
 
 
 def _reference_batch(seed, n, size=SIZE):
