@@ -1168,9 +1168,10 @@ def natural_body_angles(rng, n):
     the arms down, walking / running (legs and arms counter-swing), sitting / crouching, reaching
     or waving (one or both arms up or forward), and a share of uniform_body_angles; each limb
     keeps its own variation (elbow bend, arm swing, ...) and every joint gets small noise
-    (8 % of its range), clipped to POSE_LIMITS.  Why: independent uniform angles spread as much
-    as everyday poses (mean-articulation PA-MPJPE ~108 vs ~104 mm) but in every direction at
-    once; people move in a few correlated ways, which a model can learn and a reader recognises."""
+    (8 % of its range), clipped to POSE_LIMITS.  Why: independent uniform angles spread about as
+    much as these poses (evaluate.py's true-orientation mean-pose row on the quickstart's test
+    split: PA-MPJPE 119.8 mm uniform, 117.6 mm natural) but in every direction at once; people
+    move in a few correlated ways, which a model can learn and a reader recognises."""
     lo, hi = _limits()
     u = lambda a, b: rng.uniform(a, b, n)  # noqa: E731
     ang = rng.normal(0, 1, (n, 23, 3)) * 0.08 * (hi - lo)
@@ -1489,8 +1490,8 @@ def generate_synthetic(out_dir, n, split="train", seed=0, size=224, body_path=No
                        appearance="clothed", orientation="upright", poses="natural"):
     """Render n images to out_dir/images/{split}/NNNNNN.jpg and write out_dir/{split}.npz
     (SPIN layout; imgname relative to out_dir).  Batch b uses Generator((seed, split id, b)),
-    so the output depends only on (seed, split, size, body) and the first images of a larger n
-    are the same.  Returns the npz path.
+    so the output depends only on (seed, split, size, body, appearance, orientation, poses) and
+    the first images of a larger n are the same.  Returns the npz path.
 
     threads: torch intra-op threads while rendering (restored afterwards; None = leave as is).
     The default 1 renders in one thread while JPEG encoding runs in a second thread: on a

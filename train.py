@@ -187,9 +187,9 @@ def trim_log(path, step):
 # Settings whose change breaks an exact resume (data order, augmentation, model, optimiser,
 # schedule); --resume refuses a change unless --allow-config-change names it.
 RESUME_KEYS = ("model", "preset", "set", "train", "body", "h36m_regressor", "pretrained_backbone",
-               "batch_size", "accum", "lr", "weight_decay", "clip", "warmup_steps", "lr_drop_at", "total_steps",
-               "seed", "world_size", "amp", "skip_bad", "flip_prob", "rot_factor", "scale_factor",
-               "noise_factor")
+               "batch_size", "accum", "lr", "weight_decay", "clip", "warmup_steps", "lr_drop_at",
+               "total_steps", "seed", "world_size", "amp", "skip_bad", "flip_prob", "rot_factor",
+               "scale_factor", "noise_factor")
 
 
 def resumed_config(old, new, allow, path, step):
