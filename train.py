@@ -550,6 +550,8 @@ def train(args, status=None):
     command line can tell setup errors (the same on every rank) from per-rank ones."""
     status = status if status is not None else {}
     status["stage"] = "setup"
+    # Checked before any data or model is built (a typo should not cost the setup).
+    drop_fractions = parse_fractions(args.lr_drop_at, "--lr-drop-at") if args.lr_drop_at else []
     if args.train is None:
         args.train, default_val = ensure_default_data(args.synth_n, _rank() == 0)
         args.val = args.val or default_val
@@ -609,8 +611,8 @@ def train(args, status=None):
     if args.steps and defaults.get("lr_drop_epochs") and args.epochs is None:
         # With an explicit step budget, put the drops at the same fraction of training.
         drop_steps = [int(total_steps * e / defaults.get("epochs", 60)) for e in defaults["lr_drop_epochs"]]
-    if args.lr_drop_at:
-        drop_steps = [int(total_steps * f) for f in parse_fractions(args.lr_drop_at, "--lr-drop-at")]
+    if drop_fractions:
+        drop_steps = [int(total_steps * f) for f in drop_fractions]
 
     if is_main:
         print(f"batch: {batch_size} per GPU x world size {world} x accum {args.accum} = global batch "
