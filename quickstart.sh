@@ -5,7 +5,7 @@
 #   demo overlays of test predictions -> a PNG of the training curves.
 # Knobs (environment): MODEL (fastmetro|tore|deformer|featup_hmr), BODY (anny|toy|an SMPL .pkl), STEPS,
 # MINUTES (a guard only: the run reports when it cut training short), N_TRAIN, N_TEST, SIZE (input
-# side), OUT; BODY=hand runs hand_quickstart.py (MODEL fastmetro|tore). Everything it writes goes under data/, runs/ and outputs/ (git-ignored).
+# side), SCENES (plain | cluttered: patterned backgrounds, occluders, people cut by the frame), OUT; BODY=hand runs hand_quickstart.py (MODEL fastmetro|tore). Everything it writes goes under data/, runs/ and outputs/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -q torch==2.13.0
@@ -22,12 +22,13 @@ MINUTES="${MINUTES:-11.5}"
 N_TRAIN="${N_TRAIN:-12000}"
 N_TEST="${N_TEST:-300}"
 SIZE="${SIZE:-128}"
+SCENES="${SCENES:-plain}"
 OUT="${OUT:-runs/quickstart-$MODEL}"
-DATA="data/synth-$BODY"
+DATA="data/synth-$BODY-$SCENES"
 
 python3 -c "import body; print('body:', body.resolve_body_path('$BODY'))"   # unpacks the asset
-[ -f "$DATA/train.npz" ] || python3 data.py synth --body "$BODY" --out "$DATA" --split train --n "$N_TRAIN" --seed 0
-[ -f "$DATA/test.npz" ]  || python3 data.py synth --body "$BODY" --out "$DATA" --split test  --n "$N_TEST"  --seed 1
+[ -f "$DATA/train.npz" ] || python3 data.py synth --body "$BODY" --scenes "$SCENES" --out "$DATA" --split train --n "$N_TRAIN" --seed 0
+[ -f "$DATA/test.npz" ]  || python3 data.py synth --body "$BODY" --scenes "$SCENES" --out "$DATA" --split test  --n "$N_TEST"  --seed 1
 # The synthetic people carry no left/right colour code, so FastMETRO's flip augmentation stays on.
 python3 train.py --model "$MODEL" --preset tiny --body "$BODY" --set "input_size=($SIZE,$SIZE)" \
     --train "$DATA/train.npz" --val "$DATA/test.npz" --out "$OUT" --steps "$STEPS" --max-minutes "$MINUTES" \

@@ -126,6 +126,28 @@ def test_projected_joints_land_on_the_rendered_body():
     np.testing.assert_allclose(proj[vis], part[..., :2][vis], atol=1e-6)
 
 
+def test_plain_and_cluttered_scenes_show_the_same_people():
+    from body import BodyModel
+    body, n = BodyModel().eval(), 32
+    plain = data.SyntheticRenderer(body, SIZE).batch(np.random.default_rng(7), n)
+    busy = data.SyntheticRenderer(body, SIZE, scenes="cluttered").batch(np.random.default_rng(7), n)
+    for k in ("pose", "shape", "focal"):                 # the same draws up to the background
+        np.testing.assert_array_equal(plain[k], busy[k])
+    # Plain: everyone whole in the frame; cluttered: some people cut by it.
+    labelled = plain["S"][..., 3] > 0
+    assert (plain["part"][..., 2][labelled] > 0).all()
+    assert ((busy["part"][..., 2] == 0) & (busy["S"][..., 3] > 0)).any(axis=1).sum() >= 1
+    # Plain backgrounds are smooth; patterned ones (stripes, checkers) have sharp edges. Largest
+    # jump between neighbouring 2x2 blocks (pooling halves the fine noise both kinds carry):
+    def largest_jump(patterned):
+        bg = data.procedural_backgrounds(np.random.default_rng(0), 40, SIZE, patterned=patterned)
+        blocks = torch.nn.functional.avg_pool2d(bg.permute(0, 3, 1, 2), 2)  # (40,3,H/2,W/2)
+        return (blocks[..., 1:] - blocks[..., :-1]).abs().amax(dim=(1, 2, 3))  # (40,) per image
+    assert largest_jump(False).max() < 0.3 and (largest_jump(True) > 0.3).sum() >= 4
+    with pytest.raises(ValueError, match="scenes must be one of"):
+        data.SyntheticRenderer(body, SIZE, scenes="busy")
+
+
 # ----------------------------------------------------------------------------- TSV
 def test_metro_tsv_loads_the_same_samples_as_npz(synth, tmp_path):
     out, npz = synth
