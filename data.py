@@ -77,7 +77,7 @@ Departures from METRO / SPIN and why
   left and right alike so flip augmentation stays valid; `--appearance parts` is the old fixed
   per-part palette with warm left / cool right), random light direction and tint; plain scenes
   (`--scenes cluttered` adds patterned backgrounds, occluders and people cut by the frame: the
-  quickstart's PA-MPJPE at its 2800 steps was 20 mm worse on those). 2D/3D joints are exact
+  quickstart's PA-MPJPE at its 2800 steps was 18 mm worse on those). 2D/3D joints are exact
   projections of the body's H36M-17 joints; J24 joints that the H36M set cannot give (head top,
   thorax, jaw, face) have confidence 0.
 """
