@@ -1507,8 +1507,7 @@ def generate_synthetic(out_dir, n, split="train", seed=0, size=224, body_path=No
     """Render n images to out_dir/images/{split}/NNNNNN.jpg and write out_dir/{split}.npz
     (SPIN layout; imgname relative to out_dir).  Batch b uses Generator((seed, split id, b)),
     so the output depends only on (seed, split, size, body, appearance, orientation, poses,
-    scenes) and
-    the first images of a larger n are the same.  Returns the npz path.
+    scenes) and the first images of a larger n are the same.  Returns the npz path.
 
     threads: torch intra-op threads while rendering (restored afterwards; None = leave as is).
     The default 1 renders in one thread while JPEG encoding runs in a second thread: on a
