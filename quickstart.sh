@@ -5,7 +5,9 @@
 #   demo overlays of test predictions -> a PNG of the training curves.
 # Knobs (environment): MODEL (fastmetro|tore|deformer|featup_hmr), BODY (anny|toy|an SMPL .pkl), STEPS,
 # MINUTES (a guard only: the run reports when it cut training short), N_TRAIN, N_TEST, SIZE (input
-# side), SCENES (plain | cluttered: patterned backgrounds, occluders, people cut by the frame), OUT; BODY=hand runs hand_quickstart.py (MODEL fastmetro|tore). Everything it writes goes under data/, runs/ and outputs/ (git-ignored).
+# side), SCENES (plain | cluttered: patterned backgrounds, occluders, people cut by the frame), OUT;
+# BODY=hand runs hand_quickstart.py (MODEL fastmetro|tore). Everything it writes goes under data/,
+# runs/ and outputs/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -q torch==2.13.0
